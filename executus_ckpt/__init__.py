@@ -1,0 +1,68 @@
+"""executus_ckpt: durable, asyncio-native run checkpoints for LLM agent services."""
+
+from __future__ import annotations
+
+from .checkpointer import (
+    NoopCheckpointer,
+    StoreCheckpointer,
+    StoreCheckpointerFactory,
+    new_checkpointer,
+)
+from .errors import (
+    CheckpointError,
+    CheckpointFencedError,
+    CheckpointNotFoundError,
+    CheckpointSerializationError,
+    CheckpointTooLargeError,
+    SchemaOutOfDateError,
+    ShutdownError,
+    StoreUnavailableError,
+)
+from .migrate import migrate
+from .protocols import Checkpointer, CheckpointerFactory, CheckpointStore
+from .stores.memory import InMemoryCheckpointStore
+from .stores.sql import SQLCheckpointStore
+from .types import (
+    CheckpointStatus,
+    CheckpointSummary,
+    JSONValue,
+    PhaseSkipper,
+    ResumeState,
+    RunCheckpoint,
+    RunCheckpointMeta,
+    RunCheckpointState,
+    RunInfo,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointFencedError",
+    "CheckpointNotFoundError",
+    "CheckpointSerializationError",
+    "CheckpointStatus",
+    "CheckpointStore",
+    "CheckpointSummary",
+    "CheckpointTooLargeError",
+    "Checkpointer",
+    "CheckpointerFactory",
+    "InMemoryCheckpointStore",
+    "JSONValue",
+    "NoopCheckpointer",
+    "PhaseSkipper",
+    "ResumeState",
+    "RunCheckpoint",
+    "RunCheckpointMeta",
+    "RunCheckpointState",
+    "RunInfo",
+    "SQLCheckpointStore",
+    "SchemaOutOfDateError",
+    "ShutdownError",
+    "StoreCheckpointer",
+    "StoreCheckpointerFactory",
+    "StoreUnavailableError",
+    "__version__",
+    "migrate",
+    "new_checkpointer",
+]

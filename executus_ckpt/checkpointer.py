@@ -1,0 +1,439 @@
+"""Per-run checkpointers: throttle, trailing flush, finalize, fencing; and the factory."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from . import codec
+from .config import DEFAULT_THROTTLE
+from .errors import CheckpointError, CheckpointFencedError
+from .protocols import Checkpointer, CheckpointStore
+from .types import JSONValue, RunCheckpoint, RunCheckpointMeta, RunCheckpointState, RunInfo, utcnow
+
+logger = logging.getLogger(__name__)
+
+Clock = Callable[[], float]
+"""Monotonic seconds."""
+Sleep = Callable[[float], Awaitable[None]]
+"""Sleep for the given seconds of the clock's time."""
+
+
+class NoopCheckpointer:
+    """A :class:`Checkpointer` whose every method is a successful no-op (no store)."""
+
+    async def save(self, state: RunCheckpointState) -> None:
+        return None
+
+    async def complete(self) -> None:
+        return None
+
+    async def fail(self, error: BaseException | None = None) -> None:
+        return None
+
+    async def flush(self) -> None:
+        return None
+
+    async def aclose(self) -> None:
+        return None
+
+    def __repr__(self) -> str:
+        return "NoopCheckpointer()"
+
+
+@dataclass(frozen=True, slots=True)
+class _Snapshot:
+    seq: int
+    messages: tuple[JSONValue, ...]
+    iteration: int
+    completed_phases: tuple[str, ...]
+
+
+class StoreCheckpointer:
+    """The per-run :class:`Checkpointer` over a :class:`CheckpointStore`.
+
+    Build it with :func:`new_checkpointer` or :class:`StoreCheckpointerFactory`.
+
+    Throttle: at most one write per ``throttle`` seconds. A save inside the window is kept and
+    written when the window ends (trailing flush), so the stored state is never more than
+    ``throttle`` seconds behind the newest save while the store is up. The window advances
+    only after a successful write: a failed write raises to the caller and the next save is
+    not throttled. Writes are serialized by an ``asyncio.Lock`` and never reorder; saves that
+    pile up behind a write are coalesced (one write of the newest state satisfies them all).
+    A write that started is finished even if its caller is cancelled.
+
+    ``complete()``/``fail()`` delete the checkpoint after any in-flight write, cancel the
+    trailing flush and turn later saves into no-ops. If a newer writer took the run over, the
+    next write raises :class:`CheckpointFencedError` and this checkpointer stops writing.
+    """
+
+    def __init__(
+        self,
+        store: CheckpointStore,
+        meta: RunCheckpointMeta,
+        *,
+        throttle: float = DEFAULT_THROTTLE,
+        clock: Clock | None = None,
+        sleep: Sleep | None = None,
+        epoch: int | None = 0,
+        app_version: str | None = None,
+        owner: str | None = None,
+    ) -> None:
+        self._store = store
+        self._meta = meta
+        self._throttle = float(throttle)
+        self._clock: Clock = clock or time.monotonic
+        self._sleep: Sleep = sleep or getattr(clock, "sleep", None) or asyncio.sleep
+        # None: not registered yet; the first write takes the run over (write_initial=False).
+        self._epoch = epoch
+        self._app_version = app_version
+        self._owner = owner
+
+        self._lock = asyncio.Lock()
+        self._seq = 0
+        self._latest: _Snapshot | None = None
+        self._written_seq = 0
+        self._validated_count = 0
+        self._last_write: float | None = None
+        self._finalized = False
+        self._deleted = False
+        self._fenced: CheckpointFencedError | None = None
+        self._timer: asyncio.Task[None] | None = None
+        self._writes: set[asyncio.Task[None]] = set()
+
+    @property
+    def meta(self) -> RunCheckpointMeta:
+        return self._meta
+
+    @property
+    def run_id(self) -> str:
+        return self._meta.run_id
+
+    @property
+    def epoch(self) -> int | None:
+        """The epoch this writer holds (``None`` until its first write takes the run over)."""
+        return self._epoch
+
+    @property
+    def pending(self) -> bool:
+        """True while a saved state is not yet written (throttled or in flight)."""
+        return self._latest is not None and self._latest.seq > self._written_seq
+
+    # -- Checkpointer --------------------------------------------------------------------
+
+    async def save(self, state: RunCheckpointState) -> None:
+        """Persist ``state``, now or at the end of the throttle window.
+
+        Raises:
+            CheckpointSerializationError: the new messages are not JSON-compatible (nothing
+                is kept; the previous state stands).
+            CheckpointFencedError: the run was taken over by a newer writer.
+            StoreUnavailableError: the write failed; the next save is not throttled.
+        """
+        if self._fenced is not None:
+            raise self._fenced
+        if self._finalized:
+            return
+        snap = self._snapshot(state)
+        self._latest = snap
+        now = self._clock()
+        if self._throttle > 0 and (
+            self._lock.locked()
+            or (self._last_write is not None and now - self._last_write < self._throttle)
+        ):
+            # Inside the window (or a write is under way and will open one): keep the newest
+            # state for the trailing flush.
+            self._arm_timer()
+            return
+        await self._write_through(snap.seq)
+
+    async def flush(self) -> None:
+        """Write the pending throttled state now; a no-op when nothing is pending.
+
+        Raises:
+            CheckpointFencedError, StoreUnavailableError: as for :meth:`save`.
+        """
+        if self._fenced is not None:
+            raise self._fenced
+        if self._deleted or self._latest is None or not self.pending:
+            return
+        await self._write_through(self._latest.seq)
+
+    async def complete(self) -> None:
+        """The run finished: delete its checkpoint (idempotent; later saves are no-ops)."""
+        await self._finalize("completed", None)
+
+    async def fail(self, error: BaseException | None = None) -> None:
+        """The run failed terminally: delete its checkpoint (idempotent)."""
+        await self._finalize("failed", error)
+
+    async def aclose(self) -> None:
+        """Stop without finalizing: cancel the trailing flush, wait for in-flight writes.
+
+        The stored checkpoint stays as last written (what a shutdown leaves for recovery).
+        Call :meth:`flush` first to write a pending state.
+        """
+        self._finalized = True
+        await self._cancel_timer()
+        if self._writes:
+            await asyncio.wait(set(self._writes))
+
+    # -- internals -----------------------------------------------------------------------
+
+    def _snapshot(self, state: RunCheckpointState) -> _Snapshot:
+        messages = tuple(state.messages)
+        phases = tuple(state.completed_phases)
+        if isinstance(state.completed_phases, str) or not all(isinstance(p, str) for p in phases):
+            raise CheckpointError(
+                f"completed_phases of run {self.run_id!r} must be a sequence of str",
+                run_id=self.run_id,
+            )
+        if not isinstance(state.iteration, int) or isinstance(state.iteration, bool):
+            raise CheckpointError(
+                f"iteration of run {self.run_id!r} must be an int", run_id=self.run_id
+            )
+        # Validate only what is new (the usual append); a shorter transcript is re-checked whole.
+        start = self._validated_count if len(messages) >= self._validated_count else 0
+        if start < len(messages):
+            codec.encode(messages[start:], run_id=self.run_id)
+        self._validated_count = len(messages)
+        self._seq += 1
+        return _Snapshot(self._seq, messages, state.iteration, phases)
+
+    async def _write_through(self, seq: int) -> None:
+        """Make sure state ``seq`` (or a newer one) is written; finishes even if cancelled."""
+        task = asyncio.get_running_loop().create_task(
+            self._locked_write(seq), name=f"executus_ckpt.write:{self.run_id}"
+        )
+        self._writes.add(task)
+        task.add_done_callback(self._write_done)
+        await asyncio.shield(task)
+
+    def _write_done(self, task: asyncio.Task[None]) -> None:
+        self._writes.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # Retrieved here so a write whose caller was cancelled does not warn; the state
+            # stays pending and is written by the next save, flush or trailing flush.
+            logger.debug("write of run %s failed: %r", self.run_id, task.exception())
+
+    async def _locked_write(self, seq: int) -> None:
+        async with self._lock:
+            latest = self._latest
+            if self._written_seq >= seq or latest is None or self._deleted:
+                return
+            if self._fenced is not None:
+                raise self._fenced
+            await self._store_write(latest)
+
+    async def _store_write(self, snap: _Snapshot) -> None:
+        started = self._clock()
+        if self._epoch is None:
+            self._epoch = await self._store.register(self._checkpoint(snap, 0))
+        try:
+            await self._store.save(self._checkpoint(snap, self._epoch))
+        except CheckpointFencedError as exc:
+            self._fenced = exc
+            self._finalized = True
+            logger.warning(
+                "run %s was taken over by a newer writer; this checkpointer stops writing",
+                self.run_id,
+                extra={"action": "fenced", "run_id": self.run_id, "epoch": self._epoch},
+            )
+            raise
+        self._written_seq = max(self._written_seq, snap.seq)
+        if self._last_write is None or started > self._last_write:
+            self._last_write = started
+
+    def _checkpoint(self, snap: _Snapshot, epoch: int) -> RunCheckpoint:
+        return RunCheckpoint(
+            meta=self._meta,
+            messages=snap.messages,
+            iteration=snap.iteration,
+            completed_phases=snap.completed_phases,
+            updated_at=utcnow(),
+            app_version=self._app_version,
+            owner=self._owner,
+            epoch=epoch,
+        )
+
+    def _arm_timer(self) -> None:
+        if self._timer is None or self._timer.done():
+            self._timer = asyncio.get_running_loop().create_task(
+                self._trailing_flush(), name=f"executus_ckpt.trailing_flush:{self.run_id}"
+            )
+
+    async def _trailing_flush(self) -> None:
+        """Owned by this checkpointer: write the newest throttled state when the window ends."""
+        while not self._finalized and self._latest is not None and self.pending:
+            last = self._last_write if self._last_write is not None else -math.inf
+            delay = last + self._throttle - self._clock()
+            if delay > 0:
+                await self._sleep(delay)
+                continue
+            try:
+                # Shielded: cancelling the timer (complete/aclose) never interrupts a write.
+                await self._write_through(self._latest.seq)
+            except CheckpointFencedError:
+                return
+            except CheckpointError as exc:
+                logger.warning(
+                    "trailing flush of run %s failed, retrying in %.1fs: %s",
+                    self.run_id,
+                    self._throttle,
+                    exc,
+                    extra={"action": "trailing_flush_failed", "run_id": self.run_id},
+                )
+                await self._sleep(self._throttle)
+
+    async def _cancel_timer(self) -> None:
+        timer, self._timer = self._timer, None
+        if timer is None or timer.done():
+            return
+        timer.cancel()
+        try:
+            await timer
+        except asyncio.CancelledError:
+            # Re-raise only if *we* are being cancelled, not because the timer was.
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise
+
+    async def _finalize(self, outcome: str, error: BaseException | None) -> None:
+        self._finalized = True
+        await self._cancel_timer()
+        async with self._lock:  # after any in-flight write
+            if self._deleted:
+                return
+            epoch = self._epoch
+            await self._store.delete(self.run_id, epoch=epoch)
+            self._deleted = True
+        logger.info(
+            "run %s %s: checkpoint deleted",
+            self.run_id,
+            outcome,
+            extra={
+                "action": f"run_{outcome}",
+                "run_id": self.run_id,
+                "error": type(error).__name__ if error is not None else None,
+            },
+        )
+
+    def __repr__(self) -> str:
+        return f"StoreCheckpointer(run_id={self.run_id!r}, throttle={self._throttle})"
+
+
+def new_checkpointer(
+    store: CheckpointStore | None,
+    meta: RunCheckpointMeta,
+    *,
+    throttle: float = DEFAULT_THROTTLE,
+    clock: Clock | None = None,
+    sleep: Sleep | None = None,
+    epoch: int | None = 0,
+    app_version: str | None = None,
+    owner: str | None = None,
+) -> Checkpointer:
+    """A per-run checkpointer over ``store``; ``store=None`` gives a :class:`NoopCheckpointer`.
+
+    Args:
+        store: where checkpoints go.
+        meta: the run's identity.
+        throttle: seconds between persisted saves; ``<= 0`` persists every save.
+        clock: monotonic seconds (tests inject one). If it has an async ``sleep(seconds)``
+            method (like :class:`executus_ckpt.testing.ManualClock`), the trailing flush waits
+            on it.
+        sleep: an explicit sleep for the trailing flush, overriding ``clock.sleep``.
+        epoch: the fencing epoch this writer holds (from ``store.register``); ``None`` takes
+            the run over at the first write.
+        app_version: stored on every checkpoint (see ``recover_interrupted(accept=...)``).
+        owner: the executor id stored on every checkpoint.
+    """
+    if store is None:
+        return NoopCheckpointer()
+    return StoreCheckpointer(
+        store,
+        meta,
+        throttle=throttle,
+        clock=clock,
+        sleep=sleep,
+        epoch=epoch,
+        app_version=app_version,
+        owner=owner,
+    )
+
+
+class StoreCheckpointerFactory:
+    """A :class:`CheckpointerFactory` minting a :class:`StoreCheckpointer` per run.
+
+    ``begin(info)`` derives the meta from ``info`` and, by default, writes the initial row
+    (iteration 0, the prompt) so that a run that dies before its first save is still recovered.
+    On a ``run_id`` that already has a row (a recovered run) it takes the row over: the epoch
+    rises (fencing any older writer), the stored transcript and recovery-attempt count are kept.
+
+    Args:
+        store: where checkpoints go; ``None`` makes every run non-durable (no-op).
+        throttle: seconds between persisted saves of a run.
+        executor_id: this service instance's id, stored as each checkpoint's owner.
+        app_version: the host's release (or a digest of its phase graph), stored on every
+            checkpoint so recovery can refuse runs from an incompatible deploy.
+        write_initial: write the initial row in ``begin``; when False, the first save does.
+    """
+
+    def __init__(
+        self,
+        store: CheckpointStore | None,
+        *,
+        throttle: float = DEFAULT_THROTTLE,
+        executor_id: str | None = None,
+        app_version: str | None = None,
+        write_initial: bool = True,
+        clock: Clock | None = None,
+        sleep: Sleep | None = None,
+    ) -> None:
+        self._store = store
+        self._throttle = throttle
+        self._executor_id = executor_id
+        self._app_version = app_version
+        self._write_initial = write_initial
+        self._clock = clock
+        self._sleep = sleep
+
+    @property
+    def store(self) -> CheckpointStore | None:
+        return self._store
+
+    async def begin(self, info: RunInfo) -> Checkpointer:
+        """Start checkpointing a run.
+
+        Raises:
+            StoreUnavailableError: the initial row could not be written.
+            CheckpointError: the run's info is invalid (e.g. an over-long id).
+        """
+        if self._store is None:
+            return NoopCheckpointer()
+        meta = RunCheckpointMeta.from_run_info(info)
+        epoch: int | None = None
+        if self._write_initial:
+            epoch = await self._store.register(
+                RunCheckpoint(meta=meta, app_version=self._app_version, owner=self._executor_id)
+            )
+            logger.info(
+                "run %s began (epoch %d)",
+                meta.run_id,
+                epoch,
+                extra={"action": "run_began", "run_id": meta.run_id, "epoch": epoch},
+            )
+        return StoreCheckpointer(
+            self._store,
+            meta,
+            throttle=self._throttle,
+            clock=self._clock,
+            sleep=self._sleep,
+            epoch=epoch,
+            app_version=self._app_version,
+            owner=self._executor_id,
+        )

@@ -1,0 +1,66 @@
+"""Transcript encoding: JSON text, strict and lossless.
+
+Defined behaviour, identical on every backend (the text is stored as-is):
+- NaN and ±Infinity are rejected (JSON has no such numbers);
+- non-``str`` mapping keys are rejected (JSON would silently turn ``1`` into ``"1"``);
+- strings with lone surrogates are rejected (not valid Unicode; PostgreSQL cannot store them);
+- ``"\\u0000"`` round-trips (it is escaped in the text);
+- tuples are encoded as JSON arrays and come back as lists;
+- anything else that is not a JSON value (datetimes, dataclasses, enums, sets, bytes, integers
+  beyond 64 bits) is rejected rather than coerced.
+Each rejection is a :class:`CheckpointSerializationError` raised before anything is written.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import cast
+
+import orjson
+
+from .errors import CheckpointSerializationError
+from .types import JSONValue
+
+# Without these, orjson would turn dataclasses, datetimes and str/int subclasses (enums) into
+# JSON that decodes to something else; with them such values are rejected like any non-JSON type.
+_STRICT = (
+    orjson.OPT_PASSTHROUGH_DATACLASS
+    | orjson.OPT_PASSTHROUGH_DATETIME
+    | orjson.OPT_PASSTHROUGH_SUBCLASS
+)
+
+
+def encode(value: object, *, run_id: str | None = None) -> bytes:
+    """Encode ``value`` as compact UTF-8 JSON, or raise :class:`CheckpointSerializationError`."""
+    try:
+        data = orjson.dumps(value, option=_STRICT)
+    except TypeError as exc:
+        raise CheckpointSerializationError(
+            f"checkpoint of run {run_id!r} is not JSON-compatible: {exc}", run_id=run_id
+        ) from exc
+    # orjson writes NaN/Infinity as null (silent alteration); only look when a null is present.
+    if b"null" in data:
+        _reject_non_finite(value, run_id)
+    return data
+
+
+def decode(data: bytes | str) -> JSONValue:
+    """Decode JSON text written by :func:`encode`."""
+    return cast(JSONValue, orjson.loads(data))
+
+
+def _reject_non_finite(value: object, run_id: str | None) -> None:
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, float):
+            if not math.isfinite(item):
+                raise CheckpointSerializationError(
+                    f"checkpoint of run {run_id!r} contains {item!r}, which JSON cannot represent",
+                    run_id=run_id,
+                )
+        elif isinstance(item, Mapping):
+            stack.extend(item.values())
+        elif isinstance(item, Sequence) and not isinstance(item, str | bytes):
+            stack.extend(item)

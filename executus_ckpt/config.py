@@ -1,0 +1,35 @@
+"""Defaults and environment names, in one place."""
+
+from __future__ import annotations
+
+from typing import Final
+
+ENV_DATABASE_URL: Final = "EXECUTUS_CKPT_DATABASE_URL"
+"""Environment variable naming the database URL (alembic, the CLI)."""
+
+DEFAULT_DATABASE_URL: Final = "sqlite+aiosqlite:///executus_ckpt.db"
+"""The embedded default: a SQLite file in the working directory."""
+
+VERSION_TABLE: Final = "executus_ckpt_alembic_version"
+"""alembic's version table for our migrations, apart from the host's own history."""
+
+DEFAULT_THROTTLE: Final = 0.0
+"""Seconds between persisted saves of one run; ``<= 0`` persists every save."""
+
+DEFAULT_MAX_CHECKPOINT_BYTES: Final = 64 * 1024 * 1024
+"""Largest encoded transcript a store accepts (bytes)."""
+
+DEFAULT_SQLITE_BUSY_TIMEOUT: Final = 30.0
+"""Seconds a SQLite connection waits for another process's write lock before failing."""
+
+DEFAULT_SHUTDOWN_FLUSH_TIMEOUT: Final = 5.0
+"""Seconds ``checkpointed_run`` spends flushing a pending state when the run is shut down."""
+
+DEFAULT_MAX_ATTEMPTS: Final = 3
+"""Recovery claims a run gets before it is marked dead."""
+
+DEFAULT_RECOVERY_CONCURRENCY: Final = 8
+"""Recovered runs dispatched at once."""
+
+DEFAULT_PAGE_SIZE: Final = 100
+"""Rows fetched per round trip when streaming listings."""

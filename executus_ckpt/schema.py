@@ -1,0 +1,81 @@
+"""The database schema as SQLAlchemy Core tables, shared by the store and alembic's env.py."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Final
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    DateTime,
+    Dialect,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    text,
+)
+from sqlalchemy.types import TypeDecorator
+
+REQUIRED_REVISION: Final = "0001"
+"""The alembic revision this version of the library reads and writes."""
+
+metadata = MetaData()
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """``timestamptz`` on PostgreSQL; naive-UTC text on SQLite. Always aware UTC in Python."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given for a UTC column")
+        value = value.astimezone(UTC)
+        # SQLite has no time zones: store naive UTC so that text order is time order.
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+run_checkpoints = Table(
+    "run_checkpoints",
+    metadata,
+    Column("run_id", String(255), primary_key=True),
+    # identity (RunCheckpointMeta)
+    Column("agent_id", String(255)),
+    Column("agent_name", String(255)),
+    Column("caller_id", String(255)),
+    Column("channel_id", String(255)),
+    Column("guild_id", String(255)),
+    Column("prompt", Text),
+    Column("model_tier", String(255)),
+    Column("parent_run_id", String(255)),
+    # state: the transcript as UTF-8 JSON bytes (encoded once, stored as-is on every backend)
+    Column("messages", LargeBinary, nullable=False),
+    Column("message_count", Integer, nullable=False, server_default=text("0")),
+    Column("size_bytes", BigInteger, nullable=False, server_default=text("0")),
+    Column("iteration", Integer, nullable=False, server_default=text("0")),
+    Column("completed_phases", LargeBinary, nullable=False),
+    # bookkeeping
+    Column("status", String(16), nullable=False, server_default=text("'active'")),
+    Column("attempts", Integer, nullable=False, server_default=text("0")),
+    Column("last_error", Text),
+    Column("app_version", String(255)),
+    Column("owner", String(255)),
+    Column("epoch", BigInteger, nullable=False, server_default=text("0")),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+    Index("ix_run_checkpoints_status_updated_at", "status", "updated_at", "run_id"),
+    Index("ix_run_checkpoints_agent_status_updated_at", "agent_id", "status", "updated_at"),
+)

@@ -1,0 +1,1 @@
+"""Checkpoint stores: in-memory (reference semantics) and SQL (SQLite, PostgreSQL)."""

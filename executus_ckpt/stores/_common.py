@@ -1,0 +1,102 @@
+"""What every store does the same way: validate and encode before touching storage."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from .. import codec
+from ..errors import CheckpointError, CheckpointTooLargeError
+from ..types import RunCheckpoint, utcnow
+
+MAX_ID_LENGTH = 255
+"""Longest run id and meta string (the width of their columns)."""
+
+_META_FIELDS = (
+    "agent_id",
+    "agent_name",
+    "caller_id",
+    "channel_id",
+    "guild_id",
+    "parent_run_id",
+    "model_tier",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class EncodedState:
+    messages: bytes
+    completed_phases: bytes
+    message_count: int
+
+    @property
+    def size_bytes(self) -> int:
+        return len(self.messages)
+
+
+def encode_state(checkpoint: RunCheckpoint, max_bytes: int) -> EncodedState:
+    """Validate and encode a checkpoint's state; raises before anything is written."""
+    run_id = checkpoint.meta.run_id
+    if not isinstance(run_id, str) or not run_id or len(run_id) > MAX_ID_LENGTH:
+        raise CheckpointError(
+            f"run_id must be a non-empty str of at most {MAX_ID_LENGTH} characters, "
+            f"got {run_id!r:.80}",
+            run_id=None,
+        )
+    if not isinstance(checkpoint.iteration, int) or isinstance(checkpoint.iteration, bool):
+        raise CheckpointError(
+            f"iteration of run {run_id!r} must be an int, got {checkpoint.iteration!r}",
+            run_id=run_id,
+        )
+    for name in _META_FIELDS:
+        value = getattr(checkpoint.meta, name)
+        if value is not None and (not isinstance(value, str) or len(value) > MAX_ID_LENGTH):
+            raise CheckpointError(
+                f"meta.{name} of run {run_id!r} must be a str of at most {MAX_ID_LENGTH} "
+                f"characters, got {type(value).__name__} of length {len(str(value))}",
+                run_id=run_id,
+            )
+    if checkpoint.meta.prompt is not None and not isinstance(checkpoint.meta.prompt, str):
+        raise CheckpointError(f"meta.prompt of run {run_id!r} must be a str", run_id=run_id)
+    phases = checkpoint.completed_phases
+    if isinstance(phases, str) or not all(isinstance(p, str) for p in phases):
+        raise CheckpointError(
+            f"completed_phases of run {run_id!r} must be a sequence of str", run_id=run_id
+        )
+    messages = checkpoint.messages
+    if isinstance(messages, str | bytes) or not isinstance(messages, Sequence):
+        raise CheckpointError(
+            f"messages of run {run_id!r} must be a sequence, got {type(messages).__name__}",
+            run_id=run_id,
+        )
+    data = codec.encode(
+        messages if isinstance(messages, list | tuple) else list(messages), run_id=run_id
+    )
+    if len(data) > max_bytes:
+        raise CheckpointTooLargeError(
+            f"checkpoint of run {run_id!r} encodes to {len(data)} bytes, over the store's "
+            f"limit of {max_bytes} bytes (max_checkpoint_bytes)",
+            run_id=run_id,
+            size_bytes=len(data),
+            max_bytes=max_bytes,
+        )
+    return EncodedState(
+        messages=data,
+        completed_phases=codec.encode(list(phases), run_id=run_id),
+        message_count=len(messages),
+    )
+
+
+def cutoff(older_than: float | None) -> datetime | None:
+    """The ``updated_at`` bound for an ``older_than`` filter in seconds."""
+    if older_than is None:
+        return None
+    return utcnow() - timedelta(seconds=older_than)
+
+
+def as_utc(value: datetime) -> datetime:
+    """Normalize a datetime to aware UTC (naive values are taken as UTC)."""
+    if value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value.astimezone(UTC)

@@ -1,0 +1,211 @@
+"""InMemoryCheckpointStore: the reference semantics, for tests and hosts without a database."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import cast
+
+from .. import codec
+from ..config import DEFAULT_MAX_CHECKPOINT_BYTES
+from ..errors import CheckpointFencedError
+from ..types import (
+    CheckpointStatus,
+    CheckpointSummary,
+    RunCheckpoint,
+    RunCheckpointMeta,
+    utcnow,
+)
+from ._common import EncodedState, as_utc, cutoff, encode_state
+
+
+@dataclass(slots=True)
+class _Row:
+    meta: RunCheckpointMeta
+    state: EncodedState
+    iteration: int
+    created_at: datetime
+    updated_at: datetime
+    attempts: int
+    status: CheckpointStatus
+    last_error: str | None
+    app_version: str | None
+    owner: str | None
+    epoch: int
+
+    def summary(self) -> CheckpointSummary:
+        return CheckpointSummary(
+            meta=self.meta,
+            iteration=self.iteration,
+            completed_phases=cast(Sequence[str], codec.decode(self.state.completed_phases)),
+            message_count=self.state.message_count,
+            size_bytes=self.state.size_bytes,
+            created_at=self.created_at,
+            updated_at=self.updated_at,
+            attempts=self.attempts,
+            status=self.status,
+            last_error=self.last_error,
+            app_version=self.app_version,
+            owner=self.owner,
+            epoch=self.epoch,
+        )
+
+    def checkpoint(self) -> RunCheckpoint:
+        return RunCheckpoint(
+            meta=self.meta,
+            messages=cast(Sequence[object], codec.decode(self.state.messages)),  # type: ignore[arg-type]
+            iteration=self.iteration,
+            completed_phases=cast(Sequence[str], codec.decode(self.state.completed_phases)),
+            created_at=self.created_at,
+            updated_at=self.updated_at,
+            attempts=self.attempts,
+            status=self.status,
+            last_error=self.last_error,
+            app_version=self.app_version,
+            owner=self.owner,
+            epoch=self.epoch,
+        )
+
+
+class InMemoryCheckpointStore:
+    """A :class:`CheckpointStore` in process memory, with the SQL store's exact semantics.
+
+    Values are encoded on save and decoded on load, so what comes back is what a SQL store
+    would return (tuples come back as lists) and bad input fails the same way. Nothing
+    survives the process.
+    """
+
+    def __init__(self, *, max_checkpoint_bytes: int = DEFAULT_MAX_CHECKPOINT_BYTES) -> None:
+        self._rows: dict[str, _Row] = {}
+        self._max_bytes = max_checkpoint_bytes
+
+    async def save(self, checkpoint: RunCheckpoint) -> None:
+        state = encode_state(checkpoint, self._max_bytes)
+        run_id = checkpoint.meta.run_id
+        row = self._rows.get(run_id)
+        if row is None:
+            self._rows[run_id] = _Row(
+                meta=checkpoint.meta,
+                state=state,
+                iteration=checkpoint.iteration,
+                created_at=as_utc(checkpoint.created_at),
+                updated_at=as_utc(checkpoint.updated_at),
+                attempts=checkpoint.attempts,
+                status=CheckpointStatus(checkpoint.status),
+                last_error=checkpoint.last_error,
+                app_version=checkpoint.app_version,
+                owner=checkpoint.owner,
+                epoch=checkpoint.epoch,
+            )
+            return
+        if row.epoch > checkpoint.epoch:
+            raise CheckpointFencedError(
+                f"run {run_id!r} was taken over (epoch {row.epoch} > {checkpoint.epoch}); "
+                "this writer is stale",
+                run_id=run_id,
+                epoch=checkpoint.epoch,
+            )
+        row.meta = checkpoint.meta
+        row.state = state
+        row.iteration = checkpoint.iteration
+        row.updated_at = as_utc(checkpoint.updated_at)
+        row.app_version = checkpoint.app_version
+        row.owner = checkpoint.owner
+        row.epoch = checkpoint.epoch
+
+    async def register(self, checkpoint: RunCheckpoint) -> int:
+        row = self._rows.get(checkpoint.meta.run_id)
+        if row is None:
+            await self.save(checkpoint)
+            return checkpoint.epoch
+        row.meta = checkpoint.meta
+        row.app_version = checkpoint.app_version
+        row.owner = checkpoint.owner
+        row.updated_at = utcnow()
+        row.epoch += 1
+        return row.epoch
+
+    async def load(self, run_id: str) -> RunCheckpoint | None:
+        row = self._rows.get(run_id)
+        return None if row is None else row.checkpoint()
+
+    async def delete(self, run_id: str, *, epoch: int | None = None) -> bool:
+        row = self._rows.get(run_id)
+        if row is None or (epoch is not None and row.epoch > epoch):
+            return False
+        del self._rows[run_id]
+        return True
+
+    def _select(
+        self,
+        status: CheckpointStatus | None,
+        agent_id: str | None,
+        older_than: float | None,
+        newest_first: bool,
+    ) -> list[_Row]:
+        bound = cutoff(older_than)
+        rows = [
+            r
+            for r in self._rows.values()
+            if (status is None or r.status == status)
+            and (agent_id is None or r.meta.agent_id == agent_id)
+            and (bound is None or r.updated_at <= bound)
+        ]
+        rows.sort(key=lambda r: (r.updated_at, r.meta.run_id), reverse=newest_first)
+        return rows
+
+    async def list_interrupted(
+        self,
+        *,
+        agent_id: str | None = None,
+        older_than: float | None = None,
+        limit: int | None = None,
+    ) -> list[RunCheckpoint]:
+        rows = self._select(CheckpointStatus.ACTIVE, agent_id, older_than, False)
+        return [r.checkpoint() for r in rows[:limit]]
+
+    async def iter_summaries(
+        self,
+        *,
+        status: CheckpointStatus | None = CheckpointStatus.ACTIVE,
+        agent_id: str | None = None,
+        older_than: float | None = None,
+        limit: int | None = None,
+        newest_first: bool = False,
+    ) -> AsyncIterator[CheckpointSummary]:
+        for row in self._select(status, agent_id, older_than, newest_first)[:limit]:
+            yield row.summary()
+
+    async def claim(
+        self, run_id: str, *, epoch: int, owner: str | None = None
+    ) -> RunCheckpoint | None:
+        row = self._rows.get(run_id)
+        if row is None or row.status != CheckpointStatus.ACTIVE or row.epoch != epoch:
+            return None
+        row.attempts += 1
+        row.epoch += 1
+        row.owner = owner
+        return row.checkpoint()
+
+    async def mark_dead(self, run_id: str, *, reason: str, epoch: int | None = None) -> bool:
+        row = self._rows.get(run_id)
+        if row is None or (epoch is not None and row.epoch > epoch):
+            return False
+        row.status = CheckpointStatus.DEAD
+        row.last_error = reason
+        return True
+
+    async def record_error(self, run_id: str, error: str) -> bool:
+        row = self._rows.get(run_id)
+        if row is None:
+            return False
+        row.last_error = error
+        return True
+
+    async def count(self, *, status: CheckpointStatus | None = None) -> int:
+        """How many checkpoints are stored (with ``status``, only those)."""
+        return sum(1 for r in self._rows.values() if status is None or r.status == status)
+
+    def __repr__(self) -> str:
+        return f"InMemoryCheckpointStore(runs={len(self._rows)})"

@@ -1,0 +1,539 @@
+"""SQLCheckpointStore: checkpoints in SQLite (aiosqlite) or PostgreSQL (asyncpg), via Core."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, Literal, cast
+
+from sqlalchemy import and_, func, select, tuple_
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from .. import codec
+from ..config import (
+    DEFAULT_MAX_CHECKPOINT_BYTES,
+    DEFAULT_PAGE_SIZE,
+    DEFAULT_SQLITE_BUSY_TIMEOUT,
+)
+from ..errors import (
+    CheckpointError,
+    CheckpointFencedError,
+    StoreUnavailableError,
+)
+from ..schema import run_checkpoints as t
+from ..types import (
+    CheckpointStatus,
+    CheckpointSummary,
+    JSONValue,
+    RunCheckpoint,
+    RunCheckpointMeta,
+    utcnow,
+)
+from ._common import as_utc, cutoff, encode_state
+from ._dialect import insert_for, install_sqlite_hooks, write_options
+
+logger = logging.getLogger(__name__)
+
+SQLiteSynchronous = Literal["FULL", "NORMAL", "EXTRA"]
+
+_META_COLUMNS = (
+    t.c.agent_id,
+    t.c.agent_name,
+    t.c.caller_id,
+    t.c.channel_id,
+    t.c.guild_id,
+    t.c.prompt,
+    t.c.model_tier,
+    t.c.parent_run_id,
+)
+_SUMMARY_COLUMNS = (
+    t.c.run_id,
+    *_META_COLUMNS,
+    t.c.message_count,
+    t.c.size_bytes,
+    t.c.iteration,
+    t.c.completed_phases,
+    t.c.status,
+    t.c.attempts,
+    t.c.last_error,
+    t.c.app_version,
+    t.c.owner,
+    t.c.epoch,
+    t.c.created_at,
+    t.c.updated_at,
+)
+_ALL_COLUMNS = (*_SUMMARY_COLUMNS, t.c.messages)
+
+
+def _meta_values(meta: RunCheckpointMeta) -> dict[str, Any]:
+    return {
+        "agent_id": meta.agent_id,
+        "agent_name": meta.agent_name,
+        "caller_id": meta.caller_id,
+        "channel_id": meta.channel_id,
+        "guild_id": meta.guild_id,
+        "prompt": meta.prompt,
+        "model_tier": meta.model_tier,
+        "parent_run_id": meta.parent_run_id,
+    }
+
+
+def _meta_of(row: Any) -> RunCheckpointMeta:
+    return RunCheckpointMeta(
+        run_id=row.run_id,
+        agent_id=row.agent_id,
+        agent_name=row.agent_name,
+        caller_id=row.caller_id,
+        channel_id=row.channel_id,
+        guild_id=row.guild_id,
+        prompt=row.prompt,
+        model_tier=row.model_tier,
+        parent_run_id=row.parent_run_id,
+    )
+
+
+def _summary_of(row: Any) -> CheckpointSummary:
+    return CheckpointSummary(
+        meta=_meta_of(row),
+        iteration=row.iteration,
+        completed_phases=cast(Sequence[str], codec.decode(row.completed_phases)),
+        message_count=row.message_count,
+        size_bytes=row.size_bytes,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+        attempts=row.attempts,
+        status=CheckpointStatus(row.status),
+        last_error=row.last_error,
+        app_version=row.app_version,
+        owner=row.owner,
+        epoch=row.epoch,
+    )
+
+
+def _checkpoint_of(row: Any) -> RunCheckpoint:
+    return RunCheckpoint(
+        meta=_meta_of(row),
+        messages=cast(Sequence[JSONValue], codec.decode(row.messages)),
+        iteration=row.iteration,
+        completed_phases=cast(Sequence[str], codec.decode(row.completed_phases)),
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+        attempts=row.attempts,
+        status=CheckpointStatus(row.status),
+        last_error=row.last_error,
+        app_version=row.app_version,
+        owner=row.owner,
+        epoch=row.epoch,
+    )
+
+
+class SQLCheckpointStore:
+    """A :class:`CheckpointStore` over a SQLAlchemy ``AsyncEngine`` (SQLite or PostgreSQL).
+
+    ``SQLCheckpointStore(engine)`` borrows the engine (the caller disposes it);
+    :meth:`from_url` and :meth:`open` create and own theirs, disposed by :meth:`aclose`.
+
+    Durability: a ``save`` that returned survives a process crash on every backend, and a power
+    loss too by default (SQLite runs in WAL mode with ``synchronous=FULL``; PostgreSQL as the
+    server is configured). ``sqlite_synchronous="NORMAL"`` trades the last commits on power loss
+    (never on a process crash) for speed. On SQLite, writes take the write lock up front
+    (``BEGIN IMMEDIATE``), are serialized within the process and wait up to
+    ``sqlite_busy_timeout`` seconds for other processes, so concurrent runs never see
+    ``database is locked``. The store sets these on the engine's SQLite connections, including
+    a borrowed engine's.
+
+    The schema revision is checked once, on first use: a missing or stale schema raises
+    :class:`SchemaOutOfDateError` naming the fix.
+
+    Raises (every I/O method):
+        StoreUnavailableError: the database could not be reached or failed; the driver error
+            is in ``__cause__``.
+    """
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        *,
+        max_checkpoint_bytes: int = DEFAULT_MAX_CHECKPOINT_BYTES,
+        sqlite_synchronous: SQLiteSynchronous = "FULL",
+        sqlite_busy_timeout: float = DEFAULT_SQLITE_BUSY_TIMEOUT,
+        page_size: int = DEFAULT_PAGE_SIZE,
+        _owns_engine: bool = False,
+    ) -> None:
+        if sqlite_synchronous not in ("FULL", "NORMAL", "EXTRA"):
+            raise ValueError(
+                f"sqlite_synchronous must be FULL, NORMAL or EXTRA, got {sqlite_synchronous!r}"
+            )
+        self._engine = engine
+        self._owns_engine = _owns_engine
+        self._max_bytes = max_checkpoint_bytes
+        self._page_size = page_size
+        self._dialect = engine.dialect.name
+        if self._dialect not in ("sqlite", "postgresql"):
+            raise CheckpointError(
+                f"unsupported database {self._dialect!r}: "
+                "use sqlite+aiosqlite or postgresql+asyncpg"
+            )
+        self._insert = insert_for(self._dialect)
+        if self._dialect == "sqlite":
+            install_sqlite_hooks(
+                engine, synchronous=sqlite_synchronous, busy_timeout=sqlite_busy_timeout
+            )
+            # One writer at a time in this process: SQLite allows no more, and queueing here is
+            # fair and cheap where queueing on the file lock would burn busy-handler sleeps.
+            self._write_lock: contextlib.AbstractAsyncContextManager[Any] = asyncio.Lock()
+        else:
+            self._write_lock = contextlib.nullcontext()
+        self._write_engine = engine.execution_options(**write_options())
+        self._schema_checked = False
+        self._schema_lock = asyncio.Lock()
+        self._closed = False
+
+    # -- construction and lifetime -------------------------------------------------------
+
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> SQLCheckpointStore:
+        """A store over a new engine for ``url`` that the store owns (see :meth:`aclose`).
+
+        ``url`` is ``sqlite+aiosqlite:///path.db`` or ``postgresql+asyncpg://...``. Keyword
+        options are those of the constructor; ``engine_options`` (a dict) goes to
+        ``create_async_engine``.
+        """
+        engine_options: dict[str, Any] = dict(options.pop("engine_options", None) or {})
+        engine_options.setdefault("pool_pre_ping", make_url(url).get_backend_name() != "sqlite")
+        engine = create_async_engine(url, **engine_options)
+        return cls(engine, _owns_engine=True, **options)
+
+    @classmethod
+    @asynccontextmanager
+    async def open(
+        cls, url: str, *, migrate: bool = False, **options: Any
+    ) -> AsyncIterator[SQLCheckpointStore]:
+        """``async with SQLCheckpointStore.open(url) as store``: a store closed on exit.
+
+        With ``migrate=True`` the schema is first brought to the revision this library needs
+        (what ``executus-ckpt migrate`` does), convenient for the embedded SQLite default.
+        """
+        store = cls.from_url(url, **options)
+        try:
+            if migrate:
+                from ..migrate import migrate as run_migrations
+
+                await run_migrations(store._engine)
+            await store.check_schema()
+            yield store
+        finally:
+            await store.aclose()
+
+    async def aclose(self) -> None:
+        """Dispose the engine if this store created it; a borrowed engine is left open."""
+        if self._owns_engine and not self._closed:
+            self._closed = True
+            await self._engine.dispose()
+
+    async def __aenter__(self) -> SQLCheckpointStore:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    @property
+    def engine(self) -> AsyncEngine:
+        """The engine this store runs on."""
+        return self._engine
+
+    @property
+    def write_engine(self) -> AsyncEngine:
+        """The engine view whose transactions are writes (``BEGIN IMMEDIATE`` on SQLite)."""
+        return self._write_engine
+
+    @property
+    def dialect(self) -> str:
+        """``"sqlite"`` or ``"postgresql"``."""
+        return self._dialect
+
+    def __repr__(self) -> str:
+        url = self._engine.url.render_as_string(hide_password=True)
+        return f"SQLCheckpointStore({url!r})"
+
+    # -- plumbing ------------------------------------------------------------------------
+
+    async def check_schema(self) -> None:
+        """Raise :class:`SchemaOutOfDateError` unless the schema is at the needed revision.
+
+        Called once automatically before the first operation.
+        """
+        if self._schema_checked:
+            return
+        async with self._schema_lock:
+            if self._schema_checked:
+                return
+            from ..migrate import check_schema_revision
+
+            try:
+                await check_schema_revision(self._engine)
+            except CheckpointError:
+                raise
+            except (sa_exc.DBAPIError, OSError, TimeoutError) as exc:
+                raise self._unavailable("checking the schema", None, exc) from exc
+            self._schema_checked = True
+
+    def _unavailable(self, action: str, run_id: str | None, exc: BaseException) -> CheckpointError:
+        url = self._engine.url.render_as_string(hide_password=True)
+        what = f" run {run_id!r}" if run_id else ""
+        if isinstance(exc, sa_exc.DataError | sa_exc.IntegrityError):
+            return CheckpointError(
+                f"{action}{what} rejected by the database at {url}: {type(exc.orig).__name__}",
+                run_id=run_id,
+            )
+        detail = exc.orig if isinstance(exc, sa_exc.DBAPIError) and exc.orig is not None else exc
+        return StoreUnavailableError(
+            f"{action}{what} failed: database at {url} unavailable "
+            f"({type(detail).__name__}: {detail})",
+            run_id=run_id,
+        )
+
+    @asynccontextmanager
+    async def _write(self, action: str, run_id: str | None) -> AsyncIterator[AsyncConnection]:
+        """One write transaction, with driver errors mapped at the boundary."""
+        await self.check_schema()
+        try:
+            async with self._write_lock, self._write_engine.begin() as conn:
+                yield conn
+        except CheckpointError:
+            raise
+        except (sa_exc.DBAPIError, OSError, TimeoutError) as exc:
+            raise self._unavailable(action, run_id, exc) from exc
+
+    @asynccontextmanager
+    async def _read(self, action: str, run_id: str | None) -> AsyncIterator[AsyncConnection]:
+        await self.check_schema()
+        try:
+            async with self._engine.connect() as conn:
+                yield conn
+        except CheckpointError:
+            raise
+        except (sa_exc.DBAPIError, OSError, TimeoutError) as exc:
+            raise self._unavailable(action, run_id, exc) from exc
+
+    # -- CheckpointStore -----------------------------------------------------------------
+
+    async def save(self, checkpoint: RunCheckpoint) -> None:
+        """Insert or replace the run's state (see :meth:`CheckpointStore.save`)."""
+        state = encode_state(checkpoint, self._max_bytes)
+        meta = checkpoint.meta
+        values = {
+            **_meta_values(meta),
+            "messages": state.messages,
+            "message_count": state.message_count,
+            "size_bytes": state.size_bytes,
+            "iteration": checkpoint.iteration,
+            "completed_phases": state.completed_phases,
+            "app_version": checkpoint.app_version,
+            "owner": checkpoint.owner,
+            "epoch": checkpoint.epoch,
+            "updated_at": as_utc(checkpoint.updated_at),
+        }
+        stmt = self._insert(t).values(
+            run_id=meta.run_id,
+            created_at=as_utc(checkpoint.created_at),
+            status=str(checkpoint.status),
+            attempts=checkpoint.attempts,
+            last_error=checkpoint.last_error,
+            **values,
+        )
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[t.c.run_id],
+            set_={k: stmt.excluded[k] for k in values},
+            where=t.c.epoch <= stmt.excluded.epoch,
+        ).returning(t.c.epoch)
+        async with self._write("saving", meta.run_id) as conn:
+            written = (await conn.execute(stmt)).first()
+        if written is None:
+            raise CheckpointFencedError(
+                f"run {meta.run_id!r} was taken over by a newer writer; this writer "
+                f"(epoch {checkpoint.epoch}) is stale and may no longer save it",
+                run_id=meta.run_id,
+                epoch=checkpoint.epoch,
+            )
+        logger.debug(
+            "saved checkpoint of run %s (iteration %d, %d messages, %d bytes)",
+            meta.run_id,
+            checkpoint.iteration,
+            state.message_count,
+            state.size_bytes,
+            extra={"action": "save_checkpoint", "run_id": meta.run_id},
+        )
+
+    async def register(self, checkpoint: RunCheckpoint) -> int:
+        """Insert the initial row or take over an existing one; returns the run's epoch."""
+        state = encode_state(checkpoint, self._max_bytes)
+        meta = checkpoint.meta
+        now = utcnow()
+        stmt = self._insert(t).values(
+            run_id=meta.run_id,
+            **_meta_values(meta),
+            messages=state.messages,
+            message_count=state.message_count,
+            size_bytes=state.size_bytes,
+            iteration=checkpoint.iteration,
+            completed_phases=state.completed_phases,
+            status=str(checkpoint.status),
+            attempts=checkpoint.attempts,
+            last_error=checkpoint.last_error,
+            app_version=checkpoint.app_version,
+            owner=checkpoint.owner,
+            epoch=checkpoint.epoch,
+            created_at=as_utc(checkpoint.created_at),
+            updated_at=as_utc(checkpoint.updated_at),
+        )
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[t.c.run_id],
+            set_={
+                **{c.name: stmt.excluded[c.name] for c in _META_COLUMNS},
+                "app_version": stmt.excluded.app_version,
+                "owner": stmt.excluded.owner,
+                "updated_at": now,
+                "epoch": t.c.epoch + 1,
+            },
+        ).returning(t.c.epoch)
+        async with self._write("registering", meta.run_id) as conn:
+            epoch = (await conn.execute(stmt)).scalar_one()
+        logger.debug(
+            "registered run %s at epoch %d",
+            meta.run_id,
+            epoch,
+            extra={"action": "register_run", "run_id": meta.run_id, "epoch": epoch},
+        )
+        return int(epoch)
+
+    async def load(self, run_id: str) -> RunCheckpoint | None:
+        """The stored checkpoint of ``run_id``, or ``None``."""
+        async with self._read("loading", run_id) as conn:
+            row = (await conn.execute(select(*_ALL_COLUMNS).where(t.c.run_id == run_id))).first()
+        return None if row is None else _checkpoint_of(row)
+
+    async def delete(self, run_id: str, *, epoch: int | None = None) -> bool:
+        """Delete the run's checkpoint; True if one was deleted (see the protocol)."""
+        stmt = t.delete().where(t.c.run_id == run_id)
+        if epoch is not None:
+            stmt = stmt.where(t.c.epoch <= epoch)
+        async with self._write("deleting", run_id) as conn:
+            deleted = (await conn.execute(stmt)).rowcount
+        return bool(deleted)
+
+    def _filters(
+        self,
+        status: CheckpointStatus | None,
+        agent_id: str | None,
+        older_than: float | None,
+    ) -> list[Any]:
+        clauses: list[Any] = []
+        if status is not None:
+            clauses.append(t.c.status == str(status))
+        if agent_id is not None:
+            clauses.append(t.c.agent_id == agent_id)
+        bound = cutoff(older_than)
+        if bound is not None:
+            clauses.append(t.c.updated_at <= bound)
+        return clauses
+
+    async def list_interrupted(
+        self,
+        *,
+        agent_id: str | None = None,
+        older_than: float | None = None,
+        limit: int | None = None,
+    ) -> list[RunCheckpoint]:
+        """Active checkpoints with transcripts, oldest ``updated_at`` first."""
+        stmt = (
+            select(*_ALL_COLUMNS)
+            .where(*self._filters(CheckpointStatus.ACTIVE, agent_id, older_than))
+            .order_by(t.c.updated_at, t.c.run_id)
+            .limit(limit)
+        )
+        async with self._read("listing interrupted runs", None) as conn:
+            rows = (await conn.execute(stmt)).all()
+        return [_checkpoint_of(r) for r in rows]
+
+    async def iter_summaries(
+        self,
+        *,
+        status: CheckpointStatus | None = CheckpointStatus.ACTIVE,
+        agent_id: str | None = None,
+        older_than: float | None = None,
+        limit: int | None = None,
+        newest_first: bool = False,
+    ) -> AsyncIterator[CheckpointSummary]:
+        """Stream summaries page by page (keyset pagination on ``(updated_at, run_id)``)."""
+        filters = self._filters(status, agent_id, older_than)
+        key = tuple_(t.c.updated_at, t.c.run_id)
+        order = (
+            (t.c.updated_at.desc(), t.c.run_id.desc())
+            if newest_first
+            else (t.c.updated_at, t.c.run_id)
+        )
+        last: tuple[Any, str] | None = None
+        remaining = limit
+        while remaining is None or remaining > 0:
+            page = self._page_size if remaining is None else min(self._page_size, remaining)
+            where = list(filters)
+            if last is not None:
+                where.append(key < tuple_(*last) if newest_first else key > tuple_(*last))
+            stmt = select(*_SUMMARY_COLUMNS).where(and_(True, *where)).order_by(*order).limit(page)
+            async with self._read("listing runs", None) as conn:
+                rows = (await conn.execute(stmt)).all()
+            for row in rows:
+                yield _summary_of(row)
+            if len(rows) < page:
+                return
+            if remaining is not None:
+                remaining -= len(rows)
+            last = (rows[-1].updated_at, rows[-1].run_id)
+
+    async def claim(
+        self, run_id: str, *, epoch: int, owner: str | None = None
+    ) -> RunCheckpoint | None:
+        """Atomically claim an active run at ``epoch`` for recovery (see the protocol)."""
+        stmt = (
+            t.update()
+            .where(
+                t.c.run_id == run_id,
+                t.c.status == str(CheckpointStatus.ACTIVE),
+                t.c.epoch == epoch,
+            )
+            .values(attempts=t.c.attempts + 1, epoch=t.c.epoch + 1, owner=owner)
+            .returning(*_ALL_COLUMNS)
+        )
+        async with self._write("claiming", run_id) as conn:
+            row = (await conn.execute(stmt)).first()
+        return None if row is None else _checkpoint_of(row)
+
+    async def mark_dead(self, run_id: str, *, reason: str, epoch: int | None = None) -> bool:
+        """Mark the run dead with ``reason`` as its last error (see the protocol)."""
+        stmt = (
+            t.update()
+            .where(t.c.run_id == run_id)
+            .values(status=str(CheckpointStatus.DEAD), last_error=reason)
+        )
+        if epoch is not None:
+            stmt = stmt.where(t.c.epoch <= epoch)
+        async with self._write("marking dead", run_id) as conn:
+            return bool((await conn.execute(stmt)).rowcount)
+
+    async def record_error(self, run_id: str, error: str) -> bool:
+        """Store ``error`` as the run's last error; True if the run exists."""
+        stmt = t.update().where(t.c.run_id == run_id).values(last_error=error)
+        async with self._write("recording an error for", run_id) as conn:
+            return bool((await conn.execute(stmt)).rowcount)
+
+    async def count(self, *, status: CheckpointStatus | None = None) -> int:
+        """How many checkpoints are stored (with ``status``, only those)."""
+        stmt = select(func.count()).select_from(t).where(*self._filters(status, None, None))
+        async with self._read("counting runs", None) as conn:
+            return int((await conn.execute(stmt)).scalar_one())

@@ -1,0 +1,207 @@
+"""Value types: what a run is, what it saves, what the store keeps and what a resumed run gets."""
+
+from __future__ import annotations
+
+import enum
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TypeAlias
+
+JSONValue: TypeAlias = (
+    bool | int | float | str | Sequence["JSONValue"] | Mapping[str, "JSONValue"] | None
+)
+"""A JSON-compatible value: what a transcript message may contain."""
+
+_EMPTY_INPUTS: Mapping[str, object] = {}
+
+
+def utcnow() -> datetime:
+    """The current wall-clock time as a timezone-aware UTC datetime."""
+    return datetime.now(UTC)
+
+
+class CheckpointStatus(enum.StrEnum):
+    """Where a stored checkpoint stands in recovery."""
+
+    ACTIVE = "active"
+    """Running or interrupted: a recovery candidate."""
+    DEAD = "dead"
+    """Kept for the operator (over its attempt budget, or quarantined); never resumed."""
+
+
+@dataclass(frozen=True, slots=True)
+class RunInfo:
+    """What the host's run engine knows when a run starts.
+
+    ``inputs["prompt"]``, when a ``str``, becomes the checkpoint's prompt so that a recovered
+    run can be re-dispatched.
+    """
+
+    run_id: str
+    subject_id: str | None = None
+    name: str | None = None
+    caller_id: str | None = None
+    channel_id: str | None = None
+    guild_id: str | None = None
+    model_tier: str | None = None
+    parent_run_id: str | None = None
+    inputs: Mapping[str, object] = field(default_factory=lambda: _EMPTY_INPUTS)
+
+
+@dataclass(frozen=True, slots=True)
+class RunCheckpointMeta:
+    """Per-run identity stored with every checkpoint (derived from :class:`RunInfo`)."""
+
+    run_id: str
+    agent_id: str | None = None
+    agent_name: str | None = None
+    caller_id: str | None = None
+    channel_id: str | None = None
+    guild_id: str | None = None
+    prompt: str | None = None
+    model_tier: str | None = None
+    parent_run_id: str | None = None
+
+    @classmethod
+    def from_run_info(cls, info: RunInfo) -> RunCheckpointMeta:
+        """Derive the meta: ``subject_id`` → ``agent_id``, ``name`` → ``agent_name``, and the
+        prompt from ``inputs["prompt"]`` only when it is a ``str``."""
+        prompt = info.inputs.get("prompt")
+        return cls(
+            run_id=info.run_id,
+            agent_id=info.subject_id,
+            agent_name=info.name,
+            caller_id=info.caller_id,
+            channel_id=info.channel_id,
+            guild_id=info.guild_id,
+            prompt=prompt if isinstance(prompt, str) else None,
+            model_tier=info.model_tier,
+            parent_run_id=info.parent_run_id,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class RunCheckpointState:
+    """What the run loop hands to ``Checkpointer.save``.
+
+    ``messages`` is the accumulated, pre-compaction transcript (JSON-compatible values). It
+    normally only grows; a compacted or edited transcript is stored exactly as given. The
+    checkpointer keeps a shallow copy of the sequence, so appending after ``save`` is safe;
+    do not mutate a message in place after handing it over.
+    """
+
+    messages: Sequence[JSONValue] = ()
+    iteration: int = 0
+    completed_phases: Sequence[str] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ResumeState:
+    """What a recovered run is handed: the transcript and progress at its last checkpoint."""
+
+    messages: Sequence[JSONValue] = ()
+    iteration: int = 0
+    completed_phases: Sequence[str] = ()
+
+    def skipper(self) -> PhaseSkipper:
+        """A fresh :class:`PhaseSkipper` over ``completed_phases``."""
+        return PhaseSkipper(self.completed_phases)
+
+
+class PhaseSkipper:
+    """Decides, phase by phase, whether a resumed run skips a phase it already completed.
+
+    Completed phases are consumed as a multiset, apart from the run's live outputs: with
+    completed ``["plan", "act"]`` and phases ``plan, act, act`` it skips the first ``plan`` and
+    the first ``act`` and runs the second ``act``. A skipper over no completed phases (a fresh
+    run) skips nothing.
+    """
+
+    __slots__ = ("_remaining",)
+
+    def __init__(self, completed_phases: Sequence[str] = ()) -> None:
+        self._remaining: Counter[str] = Counter(completed_phases)
+
+    def should_skip(self, phase_name: str) -> bool:
+        """True if ``phase_name`` was completed before the interruption (consumes one)."""
+        if self._remaining[phase_name] > 0:
+            self._remaining[phase_name] -= 1
+            return True
+        return False
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointSummary:
+    """A stored checkpoint without its transcript: what listings and recovery scans return.
+
+    ``size_bytes`` is the encoded size of the stored transcript.
+    """
+
+    meta: RunCheckpointMeta
+    iteration: int
+    completed_phases: Sequence[str]
+    message_count: int
+    size_bytes: int
+    created_at: datetime
+    updated_at: datetime
+    attempts: int = 0
+    status: CheckpointStatus = CheckpointStatus.ACTIVE
+    last_error: str | None = None
+    app_version: str | None = None
+    owner: str | None = None
+    epoch: int = 0
+
+    @property
+    def run_id(self) -> str:
+        return self.meta.run_id
+
+
+@dataclass(frozen=True, slots=True)
+class RunCheckpoint:
+    """One stored checkpoint plus the bookkeeping the store keeps.
+
+    ``created_at``/``updated_at`` are timezone-aware UTC. ``attempts`` counts recovery claims,
+    ``epoch`` rises with every take-over so that a stale writer is fenced out.
+    """
+
+    meta: RunCheckpointMeta
+    messages: Sequence[JSONValue] = ()
+    iteration: int = 0
+    completed_phases: Sequence[str] = ()
+    created_at: datetime = field(default_factory=utcnow)
+    updated_at: datetime = field(default_factory=utcnow)
+    attempts: int = 0
+    status: CheckpointStatus = CheckpointStatus.ACTIVE
+    last_error: str | None = None
+    app_version: str | None = None
+    owner: str | None = None
+    epoch: int = 0
+
+    @property
+    def run_id(self) -> str:
+        return self.meta.run_id
+
+    def run_info(self) -> RunInfo:
+        """Rebuild the :class:`RunInfo` to re-dispatch this run (``inputs={"prompt": ...}``)."""
+        m = self.meta
+        return RunInfo(
+            run_id=m.run_id,
+            subject_id=m.agent_id,
+            name=m.agent_name,
+            caller_id=m.caller_id,
+            channel_id=m.channel_id,
+            guild_id=m.guild_id,
+            model_tier=m.model_tier,
+            parent_run_id=m.parent_run_id,
+            inputs={"prompt": m.prompt} if m.prompt is not None else {},
+        )
+
+    def resume_state(self) -> ResumeState:
+        """The :class:`ResumeState` a recovered run continues from."""
+        return ResumeState(
+            messages=self.messages,
+            iteration=self.iteration,
+            completed_phases=self.completed_phases,
+        )
