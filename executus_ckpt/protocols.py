@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from datetime import datetime
 from typing import Protocol, runtime_checkable
 
 from .types import (
@@ -106,13 +107,15 @@ class CheckpointStore(Protocol):
         status: CheckpointStatus | None = CheckpointStatus.ACTIVE,
         agent_id: str | None = None,
         older_than: float | None = None,
+        updated_before: datetime | None = None,
         limit: int | None = None,
         newest_first: bool = False,
     ) -> AsyncIterator[CheckpointSummary]:
         """Stream checkpoints without their transcripts, in ``updated_at`` order.
 
         Memory stays bounded by one page whatever the number of rows. ``status=None`` lists
-        every status.
+        every status. ``updated_before`` (aware) bounds the scan absolutely, so rows touched
+        while it runs are not listed again.
         """
         ...
 

@@ -171,10 +171,14 @@ class InMemoryCheckpointStore:
         status: CheckpointStatus | None = CheckpointStatus.ACTIVE,
         agent_id: str | None = None,
         older_than: float | None = None,
+        updated_before: datetime | None = None,
         limit: int | None = None,
         newest_first: bool = False,
     ) -> AsyncIterator[CheckpointSummary]:
-        for row in self._select(status, agent_id, older_than, newest_first)[:limit]:
+        rows = self._select(status, agent_id, older_than, newest_first)
+        if updated_before is not None:
+            rows = [r for r in rows if r.updated_at < as_utc(updated_before)]
+        for row in rows[:limit]:
             yield row.summary()
 
     async def claim(

@@ -7,6 +7,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from datetime import datetime
 from typing import Any, Literal, cast
 
 from sqlalchemy import and_, func, select, tuple_
@@ -467,11 +468,14 @@ class SQLCheckpointStore:
         status: CheckpointStatus | None = CheckpointStatus.ACTIVE,
         agent_id: str | None = None,
         older_than: float | None = None,
+        updated_before: datetime | None = None,
         limit: int | None = None,
         newest_first: bool = False,
     ) -> AsyncIterator[CheckpointSummary]:
         """Stream summaries page by page (keyset pagination on ``(updated_at, run_id)``)."""
         filters = self._filters(status, agent_id, older_than)
+        if updated_before is not None:
+            filters.append(t.c.updated_at < as_utc(updated_before))
         key = tuple_(t.c.updated_at, t.c.run_id)
         order = (
             (t.c.updated_at.desc(), t.c.run_id.desc())

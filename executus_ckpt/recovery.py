@@ -1,0 +1,192 @@
+"""Boot recovery: claim, count, dispatch or dead-letter the interrupted runs."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from .config import DEFAULT_MAX_ATTEMPTS, DEFAULT_RECOVERY_CONCURRENCY
+from .protocols import CheckpointStore
+from .types import CheckpointStatus, CheckpointSummary, RunCheckpoint, utcnow
+
+logger = logging.getLogger(__name__)
+
+Dispatch = Callable[[RunCheckpoint], Awaitable[object]]
+Accept = Callable[[RunCheckpoint], bool]
+
+
+@dataclass(frozen=True, slots=True)
+class RecoveryReport:
+    """What one recovery pass did, by run id."""
+
+    dispatched: tuple[str, ...] = ()
+    """Claimed and handed to ``dispatch``, which returned."""
+    dead: tuple[str, ...] = ()
+    """Over ``max_attempts``: marked dead and kept for the operator."""
+    quarantined: tuple[str, ...] = ()
+    """Rejected by ``accept``: marked dead with the reason, kept for the operator."""
+    failed: Mapping[str, BaseException] = field(default_factory=lambda: MappingProxyType({}))
+    """``dispatch`` (or ``accept``, or the store) raised; the run stays recoverable."""
+    lost: tuple[str, ...] = ()
+    """Claimed by someone else between listing and claiming (another replica)."""
+
+    @property
+    def total(self) -> int:
+        return (
+            len(self.dispatched)
+            + len(self.dead)
+            + len(self.quarantined)
+            + len(self.failed)
+            + len(self.lost)
+        )
+
+
+async def recover_interrupted(
+    store: CheckpointStore,
+    dispatch: Dispatch,
+    *,
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+    concurrency: int = DEFAULT_RECOVERY_CONCURRENCY,
+    accept: Accept | None = None,
+    owner: str | None = None,
+    agent_id: str | None = None,
+    older_than: float | None = None,
+    limit: int | None = None,
+) -> RecoveryReport:
+    """Re-dispatch the interrupted runs, oldest first; call once at service start.
+
+    Each run is claimed atomically (attempt count and epoch raised) *before* ``dispatch``, so a
+    run that crashes the service every time it runs is dispatched at most ``max_attempts``
+    times: at the next claim it is marked dead (kept with its last error, no longer listed as
+    interrupted) and logged at ERROR. A run that ``accept`` rejects (e.g. its ``app_version``
+    belongs to a phase graph this deploy no longer has) is quarantined the same way with the
+    reason. A ``dispatch`` that raises is recorded in the report and as the run's last error;
+    the run stays recoverable.
+
+    Runs are streamed from the store and at most ``concurrency`` are claimed or dispatched at
+    once, so memory is bounded by ``concurrency`` transcripts whatever the backlog. Runs
+    updated after the pass began (e.g. re-registered by a dispatched run) are not revisited.
+
+    Args:
+        store: the checkpoint store.
+        dispatch: the host's coroutine that re-launches a run from its checkpoint (typically
+            ``checkpointed_run(factory, cp.run_info())`` resumed from ``cp.resume_state()``).
+        max_attempts: recovery claims a run gets before it is marked dead (>= 1).
+        concurrency: claims/dispatches in flight at once (>= 1).
+        accept: predicate over the claimed checkpoint; False quarantines the run.
+        owner: this executor's id, recorded on each claimed run.
+        agent_id, older_than, limit: restrict the pass (as for ``list_interrupted``).
+
+    Raises:
+        StoreUnavailableError: the store could not be listed (per-run store errors are
+            reported in ``failed`` instead).
+    """
+    if max_attempts < 1 or concurrency < 1:
+        raise ValueError("max_attempts and concurrency must be >= 1")
+    started = utcnow()
+    dispatched: list[str] = []
+    dead: list[str] = []
+    quarantined: list[str] = []
+    lost: list[str] = []
+    failed: dict[str, BaseException] = {}
+    slots = asyncio.Semaphore(concurrency)
+
+    async def recover_one(summary: CheckpointSummary) -> None:
+        run_id = summary.run_id
+        try:
+            checkpoint = await store.claim(run_id, epoch=summary.epoch, owner=owner)
+            if checkpoint is None:
+                lost.append(run_id)
+                logger.info(
+                    "run %s was claimed elsewhere",
+                    run_id,
+                    extra={"action": "claim_lost", "run_id": run_id},
+                )
+                return
+            if checkpoint.attempts > max_attempts:
+                reason = (
+                    f"gave up after {checkpoint.attempts - 1} recovery attempts "
+                    f"(max_attempts={max_attempts}); last error: {checkpoint.last_error or 'none'}"
+                )
+                await store.mark_dead(run_id, reason=reason, epoch=checkpoint.epoch)
+                dead.append(run_id)
+                logger.error(
+                    "run %s marked dead: %s",
+                    run_id,
+                    reason,
+                    extra={"action": "mark_dead", "run_id": run_id, "attempt": checkpoint.attempts},
+                )
+                return
+            if accept is not None and not accept(checkpoint):
+                reason = (
+                    f"quarantined: rejected by this deploy's accept() "
+                    f"(app_version={checkpoint.app_version!r})"
+                )
+                await store.mark_dead(run_id, reason=reason, epoch=checkpoint.epoch)
+                quarantined.append(run_id)
+                logger.warning(
+                    "run %s %s",
+                    run_id,
+                    reason,
+                    extra={"action": "quarantine", "run_id": run_id},
+                )
+                return
+            logger.info(
+                "recovering run %s (attempt %d of %d, iteration %d, phases done: %s)",
+                run_id,
+                checkpoint.attempts,
+                max_attempts,
+                checkpoint.iteration,
+                len(checkpoint.completed_phases),
+                extra={"action": "dispatch_run", "run_id": run_id, "attempt": checkpoint.attempts},
+            )
+            await dispatch(checkpoint)
+            dispatched.append(run_id)
+        except Exception as exc:
+            failed[run_id] = exc
+            logger.warning(
+                "recovery of run %s failed (%s: %s); it stays recoverable",
+                run_id,
+                type(exc).__name__,
+                exc,
+                extra={"action": "dispatch_failed", "run_id": run_id},
+                exc_info=exc,
+            )
+            try:
+                await store.record_error(run_id, f"{type(exc).__name__}: {exc}")
+            except Exception:  # the failure is already reported; the store may be down
+                logger.debug("could not record the error of run %s", run_id, exc_info=True)
+        finally:
+            slots.release()
+
+    async with asyncio.TaskGroup() as group:
+        async for summary in store.iter_summaries(
+            status=CheckpointStatus.ACTIVE,
+            agent_id=agent_id,
+            older_than=older_than,
+            updated_before=started,
+            limit=limit,
+        ):
+            await slots.acquire()
+            group.create_task(recover_one(summary), name=f"executus_ckpt.recover:{summary.run_id}")
+
+    report = RecoveryReport(
+        dispatched=tuple(dispatched),
+        dead=tuple(dead),
+        quarantined=tuple(quarantined),
+        failed=MappingProxyType(failed),
+        lost=tuple(lost),
+    )
+    logger.info(
+        "recovery pass: %d dispatched, %d dead, %d quarantined, %d failed, %d claimed elsewhere",
+        len(report.dispatched),
+        len(report.dead),
+        len(report.quarantined),
+        len(report.failed),
+        len(report.lost),
+        extra={"action": "recovery_pass"},
+    )
+    return report
