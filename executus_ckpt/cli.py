@@ -7,21 +7,15 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 import click
 
 from .config import DEFAULT_DATABASE_URL, ENV_DATABASE_URL
 from .errors import CheckpointError
 
-
-def _url_option() -> click.Option:
-    return click.Option(
-        ["--url"],
-        envvar=ENV_DATABASE_URL,
-        default=DEFAULT_DATABASE_URL,
-        show_default=True,
-        help=f"Database URL (or {ENV_DATABASE_URL}).",
-    )
+T = TypeVar("T")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -58,7 +52,7 @@ def demo(db: str, runs: int, latency: float, child: bool, url: str | None) -> No
     sys.exit(0 if summary.ok else 1)
 
 
-def _run(coro):  # type: ignore[no-untyped-def]
+def _run(coro: Coroutine[Any, Any, T]) -> T:
     try:
         return asyncio.run(coro)
     except CheckpointError as exc:

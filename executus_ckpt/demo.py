@@ -175,6 +175,14 @@ class DemoSummary:
         )
 
 
+def fresh_database(db_path: str | os.PathLike[str]) -> Path:
+    """Remove a previous demo database (and its WAL files); returns the absolute path."""
+    path = Path(db_path).resolve()
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+    return path
+
+
 async def run_demo(
     db_path: str | os.PathLike[str] = DEFAULT_DB,
     *,
@@ -183,9 +191,7 @@ async def run_demo(
     out: Callable[[str], None] = print,
 ) -> DemoSummary:
     """Run the whole demo; returns its summary. The database file is recreated each time."""
-    path = Path(db_path).resolve()
-    for suffix in ("", "-wal", "-shm"):
-        Path(f"{path}{suffix}").unlink(missing_ok=True)
+    path = fresh_database(db_path)
     url = f"sqlite+aiosqlite:///{path}"
     summary = DemoSummary(db_path=str(path), started=runs)
     out(f"executus_ckpt demo - database: {path}")
