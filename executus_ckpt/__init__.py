@@ -18,8 +18,10 @@ from .errors import (
     ShutdownError,
     StoreUnavailableError,
 )
+from .lifecycle import Outcome, checkpointed_run, classify_outcome
 from .migrate import migrate
 from .protocols import Checkpointer, CheckpointerFactory, CheckpointStore
+from .recovery import RecoveryReport, recover_interrupted
 from .stores.memory import InMemoryCheckpointStore
 from .stores.sql import SQLCheckpointStore
 from .types import (
@@ -50,7 +52,9 @@ __all__ = [
     "InMemoryCheckpointStore",
     "JSONValue",
     "NoopCheckpointer",
+    "Outcome",
     "PhaseSkipper",
+    "RecoveryReport",
     "ResumeState",
     "RunCheckpoint",
     "RunCheckpointMeta",
@@ -63,6 +67,9 @@ __all__ = [
     "StoreCheckpointerFactory",
     "StoreUnavailableError",
     "__version__",
+    "checkpointed_run",
+    "classify_outcome",
     "migrate",
     "new_checkpointer",
+    "recover_interrupted",
 ]
