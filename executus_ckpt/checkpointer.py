@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import math
 import time
@@ -97,6 +98,10 @@ class StoreCheckpointer:
         self._seq = 0
         self._latest: _Snapshot | None = None
         self._written_seq = 0
+        # The transcript as last written: a save that extends it only appends (delta write),
+        # on stores that take the hint (a host's own store may implement plain save()).
+        self._stored: tuple[JSONValue, ...] | None = None
+        self._delta = _accepts_base_count(store)
         self._validated_count = 0
         self._last_write: float | None = None
         self._finalized = False
@@ -233,8 +238,13 @@ class StoreCheckpointer:
         started = self._clock()
         if self._epoch is None:
             self._epoch = await self._store.register(self._checkpoint(snap, 0))
+        checkpoint = self._checkpoint(snap, self._epoch)
+        base = _shared_prefix(self._stored, snap.messages) if self._delta else None
         try:
-            await self._store.save(self._checkpoint(snap, self._epoch))
+            if base is None:
+                await self._store.save(checkpoint)
+            else:
+                await self._store.save(checkpoint, base_count=base)
         except CheckpointFencedError as exc:
             self._fenced = exc
             self._finalized = True
@@ -245,6 +255,7 @@ class StoreCheckpointer:
             )
             raise
         self._written_seq = max(self._written_seq, snap.seq)
+        self._stored = snap.messages
         if self._last_write is None or started > self._last_write:
             self._last_write = started
 
@@ -324,6 +335,31 @@ class StoreCheckpointer:
 
     def __repr__(self) -> str:
         return f"StoreCheckpointer(run_id={self.run_id!r}, throttle={self._throttle})"
+
+
+def _accepts_base_count(store: CheckpointStore) -> bool:
+    try:
+        params = inspect.signature(store.save).parameters
+    except (TypeError, ValueError):
+        return False
+    return "base_count" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def _shared_prefix(
+    stored: tuple[JSONValue, ...] | None, messages: tuple[JSONValue, ...]
+) -> int | None:
+    """``len(stored)`` if ``messages`` extends ``stored``, else None (write in full).
+
+    Identity first: an append-only host hands the same message objects again, so this is a
+    pointer comparison per message, no encoding and no database work. Messages must not be
+    mutated in place after they were saved (see :class:`RunCheckpointState`).
+    """
+    if not stored or len(messages) < len(stored):
+        return None
+    for old, new in zip(stored, messages, strict=False):
+        if old is not new and old != new:
+            return None
+    return len(stored)
 
 
 def new_checkpointer(

@@ -53,11 +53,14 @@ class CheckpointStore(Protocol):
     a write carrying an epoch lower than the stored one raises :class:`CheckpointFencedError`.
     """
 
-    async def save(self, checkpoint: RunCheckpoint) -> None:
+    async def save(self, checkpoint: RunCheckpoint, *, base_count: int | None = None) -> None:
         """Insert or replace the run's state.
 
         On an existing row the state, meta, ``app_version``, ``owner`` and ``updated_at`` are
         replaced; ``created_at``, ``attempts``, ``status`` and ``last_error`` are kept.
+        ``base_count`` is a hint that the stored transcript is ``checkpoint.messages[:base_count]``
+        so that only the newer messages need writing; if it is not, the store rewrites the whole
+        transcript. Either way the stored transcript is exactly ``checkpoint.messages``.
 
         Raises:
             CheckpointFencedError: the stored epoch is newer than ``checkpoint.epoch``.
@@ -68,6 +71,8 @@ class CheckpointStore(Protocol):
 
     async def register(self, checkpoint: RunCheckpoint) -> int:
         """Insert the run's initial row, or take over the existing one; returns the new epoch.
+
+        The initial row has no messages (``checkpoint.messages`` is ignored).
 
         A take-over raises the epoch (fencing any older writer), refreshes meta, ``app_version``
         and ``owner``, and keeps the stored transcript, progress and attempt count.

@@ -21,7 +21,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.types import TypeDecorator
 
-REQUIRED_REVISION: Final = "0001"
+REQUIRED_REVISION: Final = "0002"
 """The alembic revision this version of the library reads and writes."""
 
 metadata = MetaData()
@@ -61,8 +61,8 @@ run_checkpoints = Table(
     Column("prompt", Text),
     Column("model_tier", String(255)),
     Column("parent_run_id", String(255)),
-    # state: the transcript as UTF-8 JSON bytes (encoded once, stored as-is on every backend)
-    Column("messages", LargeBinary, nullable=False),
+    # state: the transcript lives in run_checkpoint_messages; the header keeps its length and
+    # encoded size so that an append can be checked against it without reading it
     Column("message_count", Integer, nullable=False, server_default=text("0")),
     Column("size_bytes", BigInteger, nullable=False, server_default=text("0")),
     Column("iteration", Integer, nullable=False, server_default=text("0")),
@@ -78,4 +78,16 @@ run_checkpoints = Table(
     Column("updated_at", UTCDateTime, nullable=False),
     Index("ix_run_checkpoints_status_updated_at", "status", "updated_at", "run_id"),
     Index("ix_run_checkpoints_agent_status_updated_at", "agent_id", "status", "updated_at"),
+)
+
+
+run_checkpoint_messages = Table(
+    "run_checkpoint_messages",
+    metadata,
+    # No foreign key: the store deletes a run's messages in the transaction that deletes its
+    # header, and an append never needs the database to look the header up again.
+    Column("run_id", String(255), primary_key=True),
+    Column("seq", Integer, primary_key=True, autoincrement=False),
+    # one message as UTF-8 JSON, encoded once and stored as-is on every backend
+    Column("data", LargeBinary, nullable=False),
 )

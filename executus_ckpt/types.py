@@ -136,7 +136,7 @@ class PhaseSkipper:
 class CheckpointSummary:
     """A stored checkpoint without its transcript: what listings and recovery scans return.
 
-    ``size_bytes`` is the encoded size of the stored transcript.
+    ``size_bytes`` is the stored size of the transcript: the sum of its encoded messages.
     """
 
     meta: RunCheckpointMeta

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import cast
 
 from .. import codec
 from ..errors import CheckpointError, CheckpointTooLargeError
@@ -24,30 +24,17 @@ _META_FIELDS = (
 )
 
 
-@dataclass(frozen=True, slots=True)
-class EncodedState:
-    messages: bytes
-    completed_phases: bytes
-    message_count: int
+def check_header(checkpoint: RunCheckpoint) -> bytes:
+    """Validate a checkpoint's identity and progress; returns the encoded completed phases.
 
-    @property
-    def size_bytes(self) -> int:
-        return len(self.messages)
-
-
-def encode_state(checkpoint: RunCheckpoint, max_bytes: int) -> EncodedState:
-    """Validate and encode a checkpoint's state; raises before anything is written."""
+    Raises before anything is written.
+    """
     run_id = checkpoint.meta.run_id
     if not isinstance(run_id, str) or not run_id or len(run_id) > MAX_ID_LENGTH:
         raise CheckpointError(
             f"run_id must be a non-empty str of at most {MAX_ID_LENGTH} characters, "
             f"got {run_id!r:.80}",
             run_id=None,
-        )
-    if not isinstance(checkpoint.iteration, int) or isinstance(checkpoint.iteration, bool):
-        raise CheckpointError(
-            f"iteration of run {run_id!r} must be an int, got {checkpoint.iteration!r}",
-            run_id=run_id,
         )
     for name in _META_FIELDS:
         value = getattr(checkpoint.meta, name)
@@ -59,6 +46,11 @@ def encode_state(checkpoint: RunCheckpoint, max_bytes: int) -> EncodedState:
             )
     if checkpoint.meta.prompt is not None and not isinstance(checkpoint.meta.prompt, str):
         raise CheckpointError(f"meta.prompt of run {run_id!r} must be a str", run_id=run_id)
+    if not isinstance(checkpoint.iteration, int) or isinstance(checkpoint.iteration, bool):
+        raise CheckpointError(
+            f"iteration of run {run_id!r} must be an int, got {checkpoint.iteration!r}",
+            run_id=run_id,
+        )
     phases = checkpoint.completed_phases
     if isinstance(phases, str) or not all(isinstance(p, str) for p in phases):
         raise CheckpointError(
@@ -70,22 +62,37 @@ def encode_state(checkpoint: RunCheckpoint, max_bytes: int) -> EncodedState:
             f"messages of run {run_id!r} must be a sequence, got {type(messages).__name__}",
             run_id=run_id,
         )
-    data = codec.encode(
-        messages if isinstance(messages, list | tuple) else list(messages), run_id=run_id
-    )
-    if len(data) > max_bytes:
+    return codec.encode(list(phases), run_id=run_id)
+
+
+def encode_messages(messages: Sequence[object], run_id: str) -> list[bytes]:
+    """Encode each message once (one stored row per message)."""
+    return [codec.encode(m, run_id=run_id) for m in messages]
+
+
+def check_size(run_id: str, size_bytes: int, max_bytes: int) -> None:
+    if size_bytes > max_bytes:
         raise CheckpointTooLargeError(
-            f"checkpoint of run {run_id!r} encodes to {len(data)} bytes, over the store's "
+            f"transcript of run {run_id!r} encodes to {size_bytes} bytes, over the store's "
             f"limit of {max_bytes} bytes (max_checkpoint_bytes)",
             run_id=run_id,
-            size_bytes=len(data),
+            size_bytes=size_bytes,
             max_bytes=max_bytes,
         )
-    return EncodedState(
-        messages=data,
-        completed_phases=codec.encode(list(phases), run_id=run_id),
-        message_count=len(messages),
-    )
+
+
+def valid_base(base_count: int | None, messages: Sequence[object]) -> int | None:
+    """``base_count`` if it can describe a prefix of ``messages``, else None (full write)."""
+    if base_count is None or not 0 < base_count <= len(messages):
+        return None
+    return base_count
+
+
+def join_messages(rows: Sequence[bytes]) -> list[object]:
+    """Decode stored message rows in one pass."""
+    if not rows:
+        return []
+    return cast(list[object], codec.decode(b"[" + b",".join(rows) + b"]"))
 
 
 def cutoff(older_than: float | None) -> datetime | None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import cast
 
@@ -13,18 +13,27 @@ from ..errors import CheckpointFencedError
 from ..types import (
     CheckpointStatus,
     CheckpointSummary,
+    JSONValue,
     RunCheckpoint,
     RunCheckpointMeta,
     utcnow,
 )
-from ._common import EncodedState, as_utc, cutoff, encode_state
+from ._common import (
+    as_utc,
+    check_header,
+    check_size,
+    cutoff,
+    encode_messages,
+    join_messages,
+    valid_base,
+)
 
 
 @dataclass(slots=True)
 class _Row:
     meta: RunCheckpointMeta
-    state: EncodedState
     iteration: int
+    completed_phases: bytes
     created_at: datetime
     updated_at: datetime
     attempts: int
@@ -33,14 +42,16 @@ class _Row:
     app_version: str | None
     owner: str | None
     epoch: int
+    messages: list[bytes] = field(default_factory=list)
+    size_bytes: int = 0
 
     def summary(self) -> CheckpointSummary:
         return CheckpointSummary(
             meta=self.meta,
             iteration=self.iteration,
-            completed_phases=cast(Sequence[str], codec.decode(self.state.completed_phases)),
-            message_count=self.state.message_count,
-            size_bytes=self.state.size_bytes,
+            completed_phases=cast(Sequence[str], codec.decode(self.completed_phases)),
+            message_count=len(self.messages),
+            size_bytes=self.size_bytes,
             created_at=self.created_at,
             updated_at=self.updated_at,
             attempts=self.attempts,
@@ -54,9 +65,9 @@ class _Row:
     def checkpoint(self) -> RunCheckpoint:
         return RunCheckpoint(
             meta=self.meta,
-            messages=cast(Sequence[object], codec.decode(self.state.messages)),  # type: ignore[arg-type]
+            messages=cast(Sequence[JSONValue], join_messages(self.messages)),
             iteration=self.iteration,
-            completed_phases=cast(Sequence[str], codec.decode(self.state.completed_phases)),
+            completed_phases=cast(Sequence[str], codec.decode(self.completed_phases)),
             created_at=self.created_at,
             updated_at=self.updated_at,
             attempts=self.attempts,
@@ -71,7 +82,7 @@ class _Row:
 class InMemoryCheckpointStore:
     """A :class:`CheckpointStore` in process memory, with the SQL store's exact semantics.
 
-    Values are encoded on save and decoded on load, so what comes back is what a SQL store
+    Messages are encoded on save and decoded on load, so what comes back is what a SQL store
     would return (tuples come back as lists) and bad input fails the same way. Nothing
     survives the process.
     """
@@ -80,15 +91,33 @@ class InMemoryCheckpointStore:
         self._rows: dict[str, _Row] = {}
         self._max_bytes = max_checkpoint_bytes
 
-    async def save(self, checkpoint: RunCheckpoint) -> None:
-        state = encode_state(checkpoint, self._max_bytes)
+    async def save(self, checkpoint: RunCheckpoint, *, base_count: int | None = None) -> None:
         run_id = checkpoint.meta.run_id
+        phases = check_header(checkpoint)
+        messages = checkpoint.messages
+        base = valid_base(base_count, messages)
         row = self._rows.get(run_id)
+        if row is not None and row.epoch > checkpoint.epoch:
+            raise CheckpointFencedError(
+                f"run {run_id!r} was taken over (epoch {row.epoch} > {checkpoint.epoch}); "
+                "this writer is stale",
+                run_id=run_id,
+                epoch=checkpoint.epoch,
+            )
+        if row is not None and base is not None and len(row.messages) == base:
+            tail = encode_messages(messages[base:], run_id)
+            size = row.size_bytes + sum(map(len, tail))
+            check_size(run_id, size, self._max_bytes)
+            encoded = row.messages + tail
+        else:
+            encoded = encode_messages(messages, run_id)
+            size = sum(map(len, encoded))
+            check_size(run_id, size, self._max_bytes)
         if row is None:
-            self._rows[run_id] = _Row(
+            row = self._rows[run_id] = _Row(
                 meta=checkpoint.meta,
-                state=state,
                 iteration=checkpoint.iteration,
+                completed_phases=phases,
                 created_at=as_utc(checkpoint.created_at),
                 updated_at=as_utc(checkpoint.updated_at),
                 attempts=checkpoint.attempts,
@@ -98,26 +127,33 @@ class InMemoryCheckpointStore:
                 owner=checkpoint.owner,
                 epoch=checkpoint.epoch,
             )
-            return
-        if row.epoch > checkpoint.epoch:
-            raise CheckpointFencedError(
-                f"run {run_id!r} was taken over (epoch {row.epoch} > {checkpoint.epoch}); "
-                "this writer is stale",
-                run_id=run_id,
-                epoch=checkpoint.epoch,
-            )
         row.meta = checkpoint.meta
-        row.state = state
         row.iteration = checkpoint.iteration
+        row.completed_phases = phases
         row.updated_at = as_utc(checkpoint.updated_at)
         row.app_version = checkpoint.app_version
         row.owner = checkpoint.owner
         row.epoch = checkpoint.epoch
+        row.messages = encoded
+        row.size_bytes = size
 
     async def register(self, checkpoint: RunCheckpoint) -> int:
+        phases = check_header(checkpoint)
         row = self._rows.get(checkpoint.meta.run_id)
         if row is None:
-            await self.save(checkpoint)
+            self._rows[checkpoint.meta.run_id] = _Row(
+                meta=checkpoint.meta,
+                iteration=checkpoint.iteration,
+                completed_phases=phases,
+                created_at=as_utc(checkpoint.created_at),
+                updated_at=as_utc(checkpoint.updated_at),
+                attempts=checkpoint.attempts,
+                status=CheckpointStatus(checkpoint.status),
+                last_error=checkpoint.last_error,
+                app_version=checkpoint.app_version,
+                owner=checkpoint.owner,
+                epoch=checkpoint.epoch,
+            )
             return checkpoint.epoch
         row.meta = checkpoint.meta
         row.app_version = checkpoint.app_version

@@ -26,6 +26,7 @@ from ..errors import (
     CheckpointFencedError,
     StoreUnavailableError,
 )
+from ..schema import run_checkpoint_messages as m
 from ..schema import run_checkpoints as t
 from ..types import (
     CheckpointStatus,
@@ -35,7 +36,15 @@ from ..types import (
     RunCheckpointMeta,
     utcnow,
 )
-from ._common import as_utc, cutoff, encode_state
+from ._common import (
+    as_utc,
+    check_header,
+    check_size,
+    cutoff,
+    encode_messages,
+    join_messages,
+    valid_base,
+)
 from ._dialect import insert_for, install_sqlite_hooks, write_options
 
 logger = logging.getLogger(__name__)
@@ -68,7 +77,6 @@ _SUMMARY_COLUMNS = (
     t.c.created_at,
     t.c.updated_at,
 )
-_ALL_COLUMNS = (*_SUMMARY_COLUMNS, t.c.messages)
 
 
 def _meta_values(meta: RunCheckpointMeta) -> dict[str, Any]:
@@ -116,10 +124,10 @@ def _summary_of(row: Any) -> CheckpointSummary:
     )
 
 
-def _checkpoint_of(row: Any) -> RunCheckpoint:
+def _checkpoint_of(row: Any, messages: Sequence[bytes]) -> RunCheckpoint:
     return RunCheckpoint(
         meta=_meta_of(row),
-        messages=cast(Sequence[JSONValue], codec.decode(row.messages)),
+        messages=cast(Sequence[JSONValue], join_messages(messages)),
         iteration=row.iteration,
         completed_phases=cast(Sequence[str], codec.decode(row.completed_phases)),
         created_at=row.created_at,
@@ -312,11 +320,20 @@ class SQLCheckpointStore:
             raise self._unavailable(action, run_id, exc) from exc
 
     @asynccontextmanager
-    async def _read(self, action: str, run_id: str | None) -> AsyncIterator[AsyncConnection]:
+    async def _read(
+        self, action: str, run_id: str | None, *, snapshot: bool = False
+    ) -> AsyncIterator[AsyncConnection]:
+        """A read; with ``snapshot``, one transaction that sees a single consistent state."""
         await self.check_schema()
         try:
             async with self._engine.connect() as conn:
-                yield conn
+                if not snapshot:
+                    yield conn
+                    return
+                if self._dialect == "postgresql":
+                    await conn.execution_options(isolation_level="REPEATABLE READ")
+                async with conn.begin():
+                    yield conn
         except CheckpointError:
             raise
         except (sa_exc.DBAPIError, OSError, TimeoutError) as exc:
@@ -324,66 +341,122 @@ class SQLCheckpointStore:
 
     # -- CheckpointStore -----------------------------------------------------------------
 
-    async def save(self, checkpoint: RunCheckpoint) -> None:
-        """Insert or replace the run's state (see :meth:`CheckpointStore.save`)."""
-        state = encode_state(checkpoint, self._max_bytes)
-        meta = checkpoint.meta
-        values = {
-            **_meta_values(meta),
-            "messages": state.messages,
-            "message_count": state.message_count,
-            "size_bytes": state.size_bytes,
+    async def save(self, checkpoint: RunCheckpoint, *, base_count: int | None = None) -> None:
+        """Insert or replace the run's state (see :meth:`CheckpointStore.save`).
+
+        With ``base_count`` (the caller's word that the stored transcript is
+        ``checkpoint.messages[:base_count]``) only the messages after it are inserted, with the
+        header, in one transaction. If the stored transcript turns out to have another length
+        the whole transcript is rewritten in that same transaction: never a mix.
+        """
+        run_id = checkpoint.meta.run_id
+        phases = check_header(checkpoint)
+        messages = checkpoint.messages
+        base = valid_base(base_count, messages)
+        start = base or 0
+        tail = encode_messages(messages[start:], run_id)
+        tail_size = sum(map(len, tail))
+        if base is None:
+            check_size(run_id, tail_size, self._max_bytes)
+        header = {
+            **_meta_values(checkpoint.meta),
             "iteration": checkpoint.iteration,
-            "completed_phases": state.completed_phases,
+            "completed_phases": phases,
             "app_version": checkpoint.app_version,
             "owner": checkpoint.owner,
             "epoch": checkpoint.epoch,
             "updated_at": as_utc(checkpoint.updated_at),
         }
-        stmt = self._insert(t).values(
-            run_id=meta.run_id,
-            created_at=as_utc(checkpoint.created_at),
-            status=str(checkpoint.status),
-            attempts=checkpoint.attempts,
-            last_error=checkpoint.last_error,
-            **values,
-        )
-        stmt = stmt.on_conflict_do_update(
-            index_elements=[t.c.run_id],
-            set_={k: stmt.excluded[k] for k in values},
-            where=t.c.epoch <= stmt.excluded.epoch,
-        ).returning(t.c.epoch)
-        async with self._write("saving", meta.run_id) as conn:
-            written = (await conn.execute(stmt)).first()
-        if written is None:
-            raise CheckpointFencedError(
-                f"run {meta.run_id!r} was taken over by a newer writer; this writer "
-                f"(epoch {checkpoint.epoch}) is stale and may no longer save it",
-                run_id=meta.run_id,
-                epoch=checkpoint.epoch,
+        async with self._write("saving", run_id) as conn:
+            if base is not None:
+                appended = await conn.execute(
+                    t.update()
+                    .where(
+                        t.c.run_id == run_id,
+                        t.c.epoch <= checkpoint.epoch,
+                        t.c.message_count == base,
+                        t.c.size_bytes + tail_size <= self._max_bytes,
+                    )
+                    .values(
+                        **header,
+                        message_count=base + len(tail),
+                        size_bytes=t.c.size_bytes + tail_size,
+                    )
+                    .returning(t.c.run_id)
+                )
+                if appended.first() is not None:
+                    await self._insert_messages(conn, run_id, start, tail)
+                    self._log_save(run_id, checkpoint.iteration, len(tail), tail_size, True)
+                    return
+                # Not what we thought was stored (or fenced, or too large): write it all.
+                head = encode_messages(messages[:start], run_id)
+                tail = head + tail
+                tail_size += sum(map(len, head))
+                check_size(run_id, tail_size, self._max_bytes)
+            stmt = self._insert(t).values(
+                run_id=run_id,
+                created_at=as_utc(checkpoint.created_at),
+                status=str(checkpoint.status),
+                attempts=checkpoint.attempts,
+                last_error=checkpoint.last_error,
+                message_count=len(tail),
+                size_bytes=tail_size,
+                **header,
             )
+            replaced = {*header, "message_count", "size_bytes"}
+            stmt = stmt.on_conflict_do_update(
+                index_elements=[t.c.run_id],
+                set_={k: stmt.excluded[k] for k in replaced},
+                where=t.c.epoch <= stmt.excluded.epoch,
+            ).returning(t.c.epoch)
+            if (await conn.execute(stmt)).first() is None:
+                raise CheckpointFencedError(
+                    f"run {run_id!r} was taken over by a newer writer; this writer "
+                    f"(epoch {checkpoint.epoch}) is stale and may no longer save it",
+                    run_id=run_id,
+                    epoch=checkpoint.epoch,
+                )
+            await conn.execute(m.delete().where(m.c.run_id == run_id))
+            await self._insert_messages(conn, run_id, 0, tail)
+        self._log_save(run_id, checkpoint.iteration, len(tail), tail_size, False)
+
+    @staticmethod
+    async def _insert_messages(
+        conn: AsyncConnection, run_id: str, start: int, rows: Sequence[bytes]
+    ) -> None:
+        if rows:
+            await conn.execute(
+                m.insert(),
+                [{"run_id": run_id, "seq": start + i, "data": d} for i, d in enumerate(rows)],
+            )
+
+    @staticmethod
+    def _log_save(run_id: str, iteration: int, count: int, size: int, appended: bool) -> None:
         logger.debug(
-            "saved checkpoint of run %s (iteration %d, %d messages, %d bytes)",
-            meta.run_id,
-            checkpoint.iteration,
-            state.message_count,
-            state.size_bytes,
-            extra={"action": "save_checkpoint", "run_id": meta.run_id},
+            "saved run %s at iteration %d: %s %d messages (%d bytes)",
+            run_id,
+            iteration,
+            "appended" if appended else "rewrote",
+            count,
+            size,
+            extra={"action": "save_checkpoint", "run_id": run_id, "appended": appended},
         )
 
     async def register(self, checkpoint: RunCheckpoint) -> int:
-        """Insert the initial row or take over an existing one; returns the run's epoch."""
-        state = encode_state(checkpoint, self._max_bytes)
+        """Insert the initial row or take over an existing one; returns the run's epoch.
+
+        The initial row has no messages (``checkpoint.messages`` is ignored): the first
+        ``save`` writes them.
+        """
+        phases = check_header(checkpoint)
         meta = checkpoint.meta
-        now = utcnow()
         stmt = self._insert(t).values(
             run_id=meta.run_id,
             **_meta_values(meta),
-            messages=state.messages,
-            message_count=state.message_count,
-            size_bytes=state.size_bytes,
+            message_count=0,
+            size_bytes=0,
             iteration=checkpoint.iteration,
-            completed_phases=state.completed_phases,
+            completed_phases=phases,
             status=str(checkpoint.status),
             attempts=checkpoint.attempts,
             last_error=checkpoint.last_error,
@@ -399,7 +472,7 @@ class SQLCheckpointStore:
                 **{c.name: stmt.excluded[c.name] for c in _META_COLUMNS},
                 "app_version": stmt.excluded.app_version,
                 "owner": stmt.excluded.owner,
-                "updated_at": now,
+                "updated_at": utcnow(),
                 "epoch": t.c.epoch + 1,
             },
         ).returning(t.c.epoch)
@@ -413,11 +486,31 @@ class SQLCheckpointStore:
         )
         return int(epoch)
 
+    @staticmethod
+    async def _messages_of(conn: AsyncConnection, run_ids: Sequence[str]) -> dict[str, list[bytes]]:
+        out: dict[str, list[bytes]] = {r: [] for r in run_ids}
+        if not run_ids:
+            return out
+        rows = await conn.execute(
+            select(m.c.run_id, m.c.data)
+            .where(m.c.run_id.in_(run_ids))
+            .order_by(m.c.run_id, m.c.seq)
+        )
+        for run_id, data in rows:
+            out[run_id].append(data)
+        return out
+
     async def load(self, run_id: str) -> RunCheckpoint | None:
         """The stored checkpoint of ``run_id``, or ``None``."""
-        async with self._read("loading", run_id) as conn:
-            row = (await conn.execute(select(*_ALL_COLUMNS).where(t.c.run_id == run_id))).first()
-        return None if row is None else _checkpoint_of(row)
+        # One read transaction, so header and messages are one consistent snapshot.
+        async with self._read("loading", run_id) as conn, conn.begin():
+            row = (
+                await conn.execute(select(*_SUMMARY_COLUMNS).where(t.c.run_id == run_id))
+            ).first()
+            if row is None:
+                return None
+            messages = await self._messages_of(conn, [run_id])
+        return _checkpoint_of(row, messages[run_id])
 
     async def delete(self, run_id: str, *, epoch: int | None = None) -> bool:
         """Delete the run's checkpoint; True if one was deleted (see the protocol)."""
@@ -425,8 +518,10 @@ class SQLCheckpointStore:
         if epoch is not None:
             stmt = stmt.where(t.c.epoch <= epoch)
         async with self._write("deleting", run_id) as conn:
-            deleted = (await conn.execute(stmt)).rowcount
-        return bool(deleted)
+            deleted = (await conn.execute(stmt.returning(t.c.run_id))).first() is not None
+            if deleted:
+                await conn.execute(m.delete().where(m.c.run_id == run_id))
+        return deleted
 
     def _filters(
         self,
@@ -453,14 +548,15 @@ class SQLCheckpointStore:
     ) -> list[RunCheckpoint]:
         """Active checkpoints with transcripts, oldest ``updated_at`` first."""
         stmt = (
-            select(*_ALL_COLUMNS)
+            select(*_SUMMARY_COLUMNS)
             .where(*self._filters(CheckpointStatus.ACTIVE, agent_id, older_than))
             .order_by(t.c.updated_at, t.c.run_id)
             .limit(limit)
         )
-        async with self._read("listing interrupted runs", None) as conn:
+        async with self._read("listing interrupted runs", None, snapshot=True) as conn:
             rows = (await conn.execute(stmt)).all()
-        return [_checkpoint_of(r) for r in rows]
+            messages = await self._messages_of(conn, [r.run_id for r in rows])
+        return [_checkpoint_of(r, messages[r.run_id]) for r in rows]
 
     async def iter_summaries(
         self,
@@ -512,11 +608,14 @@ class SQLCheckpointStore:
                 t.c.epoch == epoch,
             )
             .values(attempts=t.c.attempts + 1, epoch=t.c.epoch + 1, owner=owner)
-            .returning(*_ALL_COLUMNS)
+            .returning(*_SUMMARY_COLUMNS)
         )
         async with self._write("claiming", run_id) as conn:
             row = (await conn.execute(stmt)).first()
-        return None if row is None else _checkpoint_of(row)
+            if row is None:
+                return None
+            messages = await self._messages_of(conn, [run_id])
+        return _checkpoint_of(row, messages[run_id])
 
     async def mark_dead(self, run_id: str, *, reason: str, epoch: int | None = None) -> bool:
         """Mark the run dead with ``reason`` as its last error (see the protocol)."""

@@ -1,0 +1,199 @@
+"""Delta storage: a save that extends the stored transcript writes only the new messages.
+
+Statements are counted with SQLAlchemy's ``before_cursor_execute`` hook, so a regression to
+full rewrites (or an extra read per save) fails here on both SQL backends.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from sqlalchemy import event
+
+from executus_ckpt import (
+    CheckpointFencedError,
+    RunCheckpointState,
+    RunInfo,
+    SQLCheckpointStore,
+    StoreCheckpointerFactory,
+)
+
+
+@dataclass
+class Statements:
+    seen: list[tuple[str, Any]] = field(default_factory=list)
+
+    def on_table(self) -> list[tuple[str, Any]]:
+        """Statements that touch our tables (BEGIN/COMMIT and pragmas left out)."""
+        return [(s, p) for s, p in self.seen if "run_checkpoint" in s]
+
+    def kinds(self) -> list[str]:
+        return [s.split()[0].upper() for s, _ in self.on_table()]
+
+
+@contextmanager
+def counting(store: SQLCheckpointStore) -> Iterator[Statements]:
+    stats = Statements()
+
+    def before(conn: Any, cursor: Any, statement: str, params: Any, ctx: Any, many: bool) -> None:
+        stats.seen.append((statement, params))
+
+    engine = store.engine.sync_engine
+    event.listen(engine, "before_cursor_execute", before)
+    try:
+        yield stats
+    finally:
+        event.remove(engine, "before_cursor_execute", before)
+
+
+def _text(params: Any) -> str:
+    """Parameters as text, with binary values (memoryview on SQLite) decoded."""
+    if isinstance(params, bytes | bytearray | memoryview):
+        return bytes(params).decode()
+    if isinstance(params, dict):
+        return " ".join(_text(v) for v in params.values())
+    if isinstance(params, list | tuple):
+        return " ".join(_text(v) for v in params)
+    return str(params)
+
+
+def tool_result(i: int, size: int = 2000) -> dict[str, Any]:
+    return {"role": "tool", "tool_call_id": f"c{i}", "content": "x" * size}
+
+
+def iteration_messages(i: int) -> list[dict[str, Any]]:
+    return [
+        {"role": "assistant", "tool_calls": [{"id": f"c{i}", "name": "search"}]},
+        tool_result(i),
+        {"role": "assistant", "content": f"answer {i}"},
+    ]
+
+
+async def test_append_writes_only_new_messages_and_header(sql_store: SQLCheckpointStore) -> None:
+    factory = StoreCheckpointerFactory(sql_store)
+    cp = await factory.begin(RunInfo("r", inputs={"prompt": "go"}))
+    transcript: list[Any] = [{"role": "user", "content": "go"}]
+    transcript += iteration_messages(0)
+    await cp.save(RunCheckpointState(messages=transcript, iteration=1))  # first save: full
+    for i in range(1, 30):
+        transcript += iteration_messages(i)
+        with counting(sql_store) as stats:
+            await cp.save(RunCheckpointState(messages=transcript, iteration=i + 1))
+        assert stats.kinds() == ["UPDATE", "INSERT"], stats.on_table()
+        insert_params = stats.on_table()[1][1]
+        flat = _text(insert_params)
+        # Only the 3 new messages travel: earlier tool results are not in the parameters.
+        assert f"c{i}" in flat and f"c{i - 1}" not in flat
+        assert len(flat) < 3 * 2000 + 2000, "parameters are O(new messages), not O(transcript)"
+    loaded = await sql_store.load("r")
+    assert loaded is not None and loaded.messages == transcript
+    summary = [s async for s in sql_store.iter_summaries()][0]
+    assert summary.message_count == len(transcript)
+
+
+async def test_compaction_rewrites_in_full(sql_store: SQLCheckpointStore) -> None:
+    factory = StoreCheckpointerFactory(sql_store)
+    cp = await factory.begin(RunInfo("r"))
+    transcript: list[Any] = []
+    for i in range(5):
+        transcript += iteration_messages(i)
+        await cp.save(RunCheckpointState(messages=transcript, iteration=i))
+    compacted: list[Any] = [{"role": "system", "content": "summary of 15 messages"}]
+    with counting(sql_store) as stats:
+        await cp.save(RunCheckpointState(messages=compacted, iteration=6))
+    assert "DELETE" in stats.kinds(), "a shorter transcript is rewritten"
+    loaded = await sql_store.load("r")
+    assert loaded.messages == compacted and loaded.iteration == 6
+    # ...and appending resumes from the compacted transcript.
+    compacted = [*compacted, {"role": "user", "content": "more"}]
+    with counting(sql_store) as stats:
+        await cp.save(RunCheckpointState(messages=compacted, iteration=7))
+    assert stats.kinds() == ["UPDATE", "INSERT"]
+    assert (await sql_store.load("r")).messages == compacted
+
+
+async def test_edited_prefix_is_detected_and_rewritten(sql_store: SQLCheckpointStore) -> None:
+    factory = StoreCheckpointerFactory(sql_store)
+    cp = await factory.begin(RunInfo("r"))
+    transcript: list[Any] = [{"n": i} for i in range(10)]
+    await cp.save(RunCheckpointState(messages=transcript, iteration=1))
+    edited = [*transcript[:3], {"n": "edited"}, *transcript[4:], {"n": 10}]
+    await cp.save(RunCheckpointState(messages=edited, iteration=2))
+    assert (await sql_store.load("r")).messages == edited
+    same_values_new_objects = [dict(m) for m in edited] + [{"n": 11}]
+    with counting(sql_store) as stats:
+        await cp.save(RunCheckpointState(messages=same_values_new_objects, iteration=3))
+    assert stats.kinds() == ["UPDATE", "INSERT"], "equal values still count as a prefix"
+    assert (await sql_store.load("r")).messages == same_values_new_objects
+
+
+async def test_stale_base_count_falls_back_to_full_rewrite(sql_store: SQLCheckpointStore) -> None:
+    """A wrong hint (stored transcript not what the writer thinks) never mixes old and new."""
+    from executus_ckpt import RunCheckpoint, RunCheckpointMeta
+
+    meta = RunCheckpointMeta("r")
+    await sql_store.save(RunCheckpoint(meta, messages=[{"a": 1}, {"a": 2}, {"a": 3}]))
+    await sql_store.save(
+        RunCheckpoint(meta, messages=[{"b": 1}, {"b": 2}, {"b": 3}, {"b": 4}]), base_count=2
+    )
+    assert (await sql_store.load("r")).messages == [{"b": 1}, {"b": 2}, {"b": 3}, {"b": 4}]
+    await sql_store.save(RunCheckpoint(meta, messages=[{"c": 1}]), base_count=7)
+    assert (await sql_store.load("r")).messages == [{"c": 1}]
+
+
+async def test_take_over_writes_in_full_then_appends(sql_store: SQLCheckpointStore) -> None:
+    factory = StoreCheckpointerFactory(sql_store)
+    first = await factory.begin(RunInfo("r"))
+    transcript: list[Any] = []
+    for i in range(3):
+        transcript += iteration_messages(i)
+        await first.save(RunCheckpointState(messages=transcript, iteration=i))
+    stored = await sql_store.load("r")
+    second = await factory.begin(stored.run_info())
+    resumed = list(stored.resume_state().messages) + iteration_messages(3)
+    await second.save(RunCheckpointState(messages=resumed, iteration=4))
+    with pytest.raises(CheckpointFencedError):
+        await first.save(
+            RunCheckpointState(messages=transcript + iteration_messages(9), iteration=9)
+        )
+    resumed += iteration_messages(4)
+    with counting(sql_store) as stats:
+        await second.save(RunCheckpointState(messages=resumed, iteration=5))
+    assert stats.kinds() == ["UPDATE", "INSERT"]
+    assert (await sql_store.load("r")).messages == resumed
+
+
+async def test_reload_after_restart_returns_exactly_what_was_saved(sql_url: str) -> None:
+    transcript: list[Any] = []
+    async with SQLCheckpointStore.open(sql_url) as store:
+        cp = await StoreCheckpointerFactory(store).begin(RunInfo("r"))
+        for i in range(20):
+            transcript += iteration_messages(i)
+            await cp.save(
+                RunCheckpointState(messages=transcript, iteration=i, completed_phases=("p",) * i)
+            )
+    async with SQLCheckpointStore.open(sql_url) as store:
+        loaded = await store.load("r")
+        assert loaded.messages == transcript and loaded.iteration == 19
+        assert list(loaded.completed_phases) == ["p"] * 19
+        listed = await store.list_interrupted()
+        assert [c.messages for c in listed] == [transcript]
+
+
+async def test_delete_removes_messages(sql_store: SQLCheckpointStore) -> None:
+    cp = await StoreCheckpointerFactory(sql_store).begin(RunInfo("r"))
+    await cp.save(RunCheckpointState(messages=iteration_messages(0), iteration=1))
+    await cp.complete()
+    async with sql_store.engine.connect() as conn:
+        from sqlalchemy import func, select
+
+        from executus_ckpt.schema import run_checkpoint_messages
+
+        left = (
+            await conn.execute(select(func.count()).select_from(run_checkpoint_messages))
+        ).scalar_one()
+    assert left == 0
