@@ -13,6 +13,7 @@ Each rejection is a :class:`CheckpointSerializationError` raised before anything
 
 from __future__ import annotations
 
+import enum
 import math
 from collections.abc import Mapping, Sequence
 from typing import cast
@@ -39,9 +40,9 @@ def encode(value: object, *, run_id: str | None = None) -> bytes:
         raise CheckpointSerializationError(
             f"checkpoint of run {run_id!r} is not JSON-compatible: {exc}", run_id=run_id
         ) from exc
-    # orjson writes NaN/Infinity as null (silent alteration); only look when a null is present.
-    if b"null" in data:
-        _reject_non_finite(value, run_id)
+    # orjson writes NaN/Infinity as null and enums as their value (silent alterations): walk the
+    # value for those. The store encodes each message once, when it is new, so this is O(new).
+    _reject_altered(value, run_id)
     return data
 
 
@@ -50,16 +51,25 @@ def decode(data: bytes | str) -> JSONValue:
     return cast(JSONValue, orjson.loads(data))
 
 
-def _reject_non_finite(value: object, run_id: str | None) -> None:
+def _reject_altered(value: object, run_id: str | None) -> None:
     stack = [value]
     while stack:
         item = stack.pop()
-        if isinstance(item, float):
-            if not math.isfinite(item):
+        kind = type(item)
+        if kind is str or kind is int or kind is bool or item is None:
+            continue
+        if kind is float:
+            if not math.isfinite(item):  # type: ignore[arg-type]
                 raise CheckpointSerializationError(
                     f"checkpoint of run {run_id!r} contains {item!r}, which JSON cannot represent",
                     run_id=run_id,
                 )
+        elif isinstance(item, enum.Enum):
+            raise CheckpointSerializationError(
+                f"checkpoint of run {run_id!r} contains the enum member {item!r}; store its "
+                ".value (JSON would silently turn it into one)",
+                run_id=run_id,
+            )
         elif isinstance(item, Mapping):
             stack.extend(item.values())
         elif isinstance(item, Sequence) and not isinstance(item, str | bytes):

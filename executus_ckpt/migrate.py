@@ -22,9 +22,19 @@ logger = logging.getLogger(__name__)
 
 
 def script_location() -> str:
-    """Where the migration scripts are: the source checkout's, else those in the wheel."""
-    source = Path(__file__).resolve().parent.parent / "migrations"
-    if (source / "env.py").is_file():
+    """Where the migration scripts are: the source checkout's, else those in the wheel.
+
+    A checkout is recognised by its ``alembic.ini`` and ``pyproject.toml`` beside
+    ``migrations/`` (an editable install keeps a stale copy in the wheel location; an
+    installed wheel must never pick up another package's top-level ``migrations/``).
+    """
+    root = Path(__file__).resolve().parent.parent
+    source = root / "migrations"
+    if (
+        (source / "env.py").is_file()
+        and (root / "alembic.ini").is_file()
+        and (root / "pyproject.toml").is_file()
+    ):
         return str(source)
     packaged = resources.files("executus_ckpt") / "_migrations"
     if packaged.is_dir():

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
-from typing import Any, Literal, cast
+from typing import Any, Literal, TypeVar, cast
 
 from sqlalchemy import and_, func, select, tuple_
 from sqlalchemy import exc as sa_exc
@@ -46,8 +45,11 @@ from ._common import (
     valid_base,
 )
 from ._dialect import insert_for, install_sqlite_hooks, write_options
+from ._group import GroupCommitter, Operation
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 SQLiteSynchronous = Literal["FULL", "NORMAL", "EXTRA"]
 
@@ -189,16 +191,16 @@ class SQLCheckpointStore:
                 "use sqlite+aiosqlite or postgresql+asyncpg"
             )
         self._insert = insert_for(self._dialect)
+        self._write_engine = engine.execution_options(**write_options())
+        self._group: GroupCommitter | None = None
         if self._dialect == "sqlite":
             install_sqlite_hooks(
                 engine, synchronous=sqlite_synchronous, busy_timeout=sqlite_busy_timeout
             )
-            # One writer at a time in this process: SQLite allows no more, and queueing here is
-            # fair and cheap where queueing on the file lock would burn busy-handler sleeps.
-            self._write_lock: contextlib.AbstractAsyncContextManager[Any] = asyncio.Lock()
-        else:
-            self._write_lock = contextlib.nullcontext()
-        self._write_engine = engine.execution_options(**write_options())
+            # SQLite has one writer at a time: this process's writes go through one owned
+            # drainer, which batches those that arrive together into one transaction (one
+            # fsync) instead of queueing them on the file lock.
+            self._group = GroupCommitter(self._write_engine.begin, self._unavailable)
         self._schema_checked = False
         self._schema_lock = asyncio.Lock()
         self._closed = False
@@ -240,7 +242,12 @@ class SQLCheckpointStore:
             await store.aclose()
 
     async def aclose(self) -> None:
-        """Dispose the engine if this store created it; a borrowed engine is left open."""
+        """Finish queued writes, then dispose the engine if this store created it.
+
+        A borrowed engine is left open.
+        """
+        if self._group is not None:
+            await self._group.aclose()
         if self._owns_engine and not self._closed:
             self._closed = True
             await self._engine.dispose()
@@ -307,13 +314,14 @@ class SQLCheckpointStore:
             run_id=run_id,
         )
 
-    @asynccontextmanager
-    async def _write(self, action: str, run_id: str | None) -> AsyncIterator[AsyncConnection]:
-        """One write transaction, with driver errors mapped at the boundary."""
+    async def _submit(self, action: str, run_id: str | None, op: Operation[T]) -> T:
+        """Run the write ``op(conn)`` in a transaction, with driver errors mapped."""
         await self.check_schema()
+        if self._group is not None:
+            return await self._group.submit(action, run_id, op)
         try:
-            async with self._write_lock, self._write_engine.begin() as conn:
-                yield conn
+            async with self._write_engine.begin() as conn:
+                return await op(conn)
         except CheckpointError:
             raise
         except (sa_exc.DBAPIError, OSError, TimeoutError) as exc:
@@ -367,7 +375,9 @@ class SQLCheckpointStore:
             "epoch": checkpoint.epoch,
             "updated_at": as_utc(checkpoint.updated_at),
         }
-        async with self._write("saving", run_id) as conn:
+
+        async def op(conn: AsyncConnection) -> None:
+            rows, size = tail, tail_size
             if base is not None:
                 appended = await conn.execute(
                     t.update()
@@ -375,32 +385,33 @@ class SQLCheckpointStore:
                         t.c.run_id == run_id,
                         t.c.epoch <= checkpoint.epoch,
                         t.c.message_count == base,
-                        t.c.size_bytes + tail_size <= self._max_bytes,
+                        t.c.size_bytes + size <= self._max_bytes,
                     )
                     .values(
                         **header,
-                        message_count=base + len(tail),
-                        size_bytes=t.c.size_bytes + tail_size,
+                        message_count=base + len(rows),
+                        size_bytes=t.c.size_bytes + size,
                     )
                     .returning(t.c.run_id)
                 )
                 if appended.first() is not None:
-                    await self._insert_messages(conn, run_id, start, tail)
-                    self._log_save(run_id, checkpoint.iteration, len(tail), tail_size, True)
+                    await self._insert_messages(conn, run_id, start, rows)
+                    self._log_save(run_id, checkpoint.iteration, len(rows), size, True)
                     return
                 # Not what we thought was stored (or fenced, or too large): write it all.
+                # Raising here is still before this operation wrote anything.
                 head = encode_messages(messages[:start], run_id)
-                tail = head + tail
-                tail_size += sum(map(len, head))
-                check_size(run_id, tail_size, self._max_bytes)
+                rows = head + rows
+                size += sum(map(len, head))
+                check_size(run_id, size, self._max_bytes)
             stmt = self._insert(t).values(
                 run_id=run_id,
                 created_at=as_utc(checkpoint.created_at),
                 status=str(checkpoint.status),
                 attempts=checkpoint.attempts,
                 last_error=checkpoint.last_error,
-                message_count=len(tail),
-                size_bytes=tail_size,
+                message_count=len(rows),
+                size_bytes=size,
                 **header,
             )
             replaced = {*header, "message_count", "size_bytes"}
@@ -417,8 +428,10 @@ class SQLCheckpointStore:
                     epoch=checkpoint.epoch,
                 )
             await conn.execute(m.delete().where(m.c.run_id == run_id))
-            await self._insert_messages(conn, run_id, 0, tail)
-        self._log_save(run_id, checkpoint.iteration, len(tail), tail_size, False)
+            await self._insert_messages(conn, run_id, 0, rows)
+            self._log_save(run_id, checkpoint.iteration, len(rows), size, False)
+
+        await self._submit("saving", run_id, op)
 
     @staticmethod
     async def _insert_messages(
@@ -476,8 +489,11 @@ class SQLCheckpointStore:
                 "epoch": t.c.epoch + 1,
             },
         ).returning(t.c.epoch)
-        async with self._write("registering", meta.run_id) as conn:
-            epoch = (await conn.execute(stmt)).scalar_one()
+
+        async def op(conn: AsyncConnection) -> int:
+            return int((await conn.execute(stmt)).scalar_one())
+
+        epoch = await self._submit("registering", meta.run_id, op)
         logger.debug(
             "registered run %s at epoch %d",
             meta.run_id,
@@ -517,11 +533,14 @@ class SQLCheckpointStore:
         stmt = t.delete().where(t.c.run_id == run_id)
         if epoch is not None:
             stmt = stmt.where(t.c.epoch <= epoch)
-        async with self._write("deleting", run_id) as conn:
+
+        async def op(conn: AsyncConnection) -> bool:
             deleted = (await conn.execute(stmt.returning(t.c.run_id))).first() is not None
             if deleted:
                 await conn.execute(m.delete().where(m.c.run_id == run_id))
-        return deleted
+            return deleted
+
+        return await self._submit("deleting", run_id, op)
 
     def _filters(
         self,
@@ -610,12 +629,15 @@ class SQLCheckpointStore:
             .values(attempts=t.c.attempts + 1, epoch=t.c.epoch + 1, owner=owner)
             .returning(*_SUMMARY_COLUMNS)
         )
-        async with self._write("claiming", run_id) as conn:
+
+        async def op(conn: AsyncConnection) -> RunCheckpoint | None:
             row = (await conn.execute(stmt)).first()
             if row is None:
                 return None
             messages = await self._messages_of(conn, [run_id])
-        return _checkpoint_of(row, messages[run_id])
+            return _checkpoint_of(row, messages[run_id])
+
+        return await self._submit("claiming", run_id, op)
 
     async def mark_dead(self, run_id: str, *, reason: str, epoch: int | None = None) -> bool:
         """Mark the run dead with ``reason`` as its last error (see the protocol)."""
@@ -626,14 +648,20 @@ class SQLCheckpointStore:
         )
         if epoch is not None:
             stmt = stmt.where(t.c.epoch <= epoch)
-        async with self._write("marking dead", run_id) as conn:
+
+        async def op(conn: AsyncConnection) -> bool:
             return bool((await conn.execute(stmt)).rowcount)
+
+        return await self._submit("marking dead", run_id, op)
 
     async def record_error(self, run_id: str, error: str) -> bool:
         """Store ``error`` as the run's last error; True if the run exists."""
         stmt = t.update().where(t.c.run_id == run_id).values(last_error=error)
-        async with self._write("recording an error for", run_id) as conn:
+
+        async def op(conn: AsyncConnection) -> bool:
             return bool((await conn.execute(stmt)).rowcount)
+
+        return await self._submit("recording an error for", run_id, op)
 
     async def count(self, *, status: CheckpointStatus | None = None) -> int:
         """How many checkpoints are stored (with ``status``, only those)."""

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, inspect, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
@@ -31,12 +32,24 @@ from executus_ckpt import (
     migrate,
 )
 from executus_ckpt.config import ENV_DATABASE_URL, VERSION_TABLE
-from executus_ckpt.migrate import current_revision, head_revision, script_location
+from executus_ckpt.migrate import (
+    alembic_config,
+    current_revision,
+    head_revision,
+    script_location,
+)
 from executus_ckpt.schema import REQUIRED_REVISION, metadata
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ALEMBIC = Path(sys.executable).parent / "alembic"
-INDEXES = {"ix_run_checkpoints_status_updated_at", "ix_run_checkpoints_agent_status_updated_at"}
+INDEXES = {ix.name for ix in metadata.tables["run_checkpoints"].indexes}
+SCHEMA_TABLES = set(metadata.tables)
+
+
+def _revisions() -> list[str]:
+    """Every shipped revision, oldest first."""
+    script = ScriptDirectory.from_config(alembic_config())
+    return [rev.revision for rev in reversed(list(script.walk_revisions()))]
 
 
 # -- helpers -------------------------------------------------------------------------------
@@ -124,7 +137,11 @@ def _ok(proc: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[s
 
 
 def test_required_revision_is_the_shipped_head() -> None:
-    assert REQUIRED_REVISION == head_revision() == "0001"
+    assert head_revision() == REQUIRED_REVISION
+    revisions = _revisions()
+    assert revisions[0] == "0001", "the first revision creates run_checkpoints"
+    assert revisions[-1] == REQUIRED_REVISION
+    assert len(set(revisions)) == len(revisions)
     assert VERSION_TABLE == "executus_ckpt_alembic_version"
 
 
@@ -136,7 +153,7 @@ async def test_migrate_empty_db_reaches_head(empty_sql_url: str) -> None:
 
     assert await _revision(empty_sql_url) == REQUIRED_REVISION == head_revision()
     tables = await _tables(empty_sql_url)
-    assert {"run_checkpoints", "executus_ckpt_alembic_version"} <= tables
+    assert {*SCHEMA_TABLES, "executus_ckpt_alembic_version"} <= tables
     assert "alembic_version" not in tables, "a host's alembic_version table must not be created"
     assert await _rows(empty_sql_url, f"SELECT version_num FROM {VERSION_TABLE}") == [
         (REQUIRED_REVISION,)
@@ -163,7 +180,7 @@ async def test_migrate_leaves_host_alembic_history_alone(empty_sql_url: str) -> 
     assert await _rows(empty_sql_url, "SELECT version_num FROM alembic_version") == [("hostrev42",)]
     assert await _rows(empty_sql_url, "SELECT id, name FROM host_things") == [(7, "kept")]
     tables = await _tables(empty_sql_url)
-    assert "run_checkpoints" not in tables
+    assert not tables & SCHEMA_TABLES
     assert {"alembic_version", "host_things"} <= tables
 
 
@@ -200,7 +217,7 @@ async def test_downgrade_to_base_then_upgrade_again(sql_url: str) -> None:
 
     await migrate(sql_url, "base")
     assert await _revision(sql_url) is None
-    assert "run_checkpoints" not in await _tables(sql_url)
+    assert not await _tables(sql_url) & SCHEMA_TABLES
     with pytest.raises(SchemaOutOfDateError):
         async with SQLCheckpointStore.open(sql_url):
             pass
@@ -212,6 +229,72 @@ async def test_downgrade_to_base_then_upgrade_again(sql_url: str) -> None:
     async with SQLCheckpointStore.open(sql_url) as store:
         assert await store.load("before") is None, "downgrade to base drops the data"
         assert await store.count() == 1
+
+
+async def test_step_by_step_up_and_down(empty_sql_url: str) -> None:
+    """Every revision can be reached one step at a time, up to head and back to base."""
+    revisions = _revisions()
+    for rev in revisions:
+        await migrate(empty_sql_url, rev)
+        assert await _revision(empty_sql_url) == rev
+    assert await _tables(empty_sql_url) >= SCHEMA_TABLES
+    for rev in reversed(revisions[:-1]):
+        await migrate(empty_sql_url, rev)
+        assert await _revision(empty_sql_url) == rev
+    await migrate(empty_sql_url, "base")
+    assert await _revision(empty_sql_url) is None
+    assert not await _tables(empty_sql_url) & SCHEMA_TABLES
+    await migrate(empty_sql_url)
+    assert await _revision(empty_sql_url) == REQUIRED_REVISION
+
+
+def _snapshot(cp: RunCheckpoint | None) -> tuple[Any, ...]:
+    assert cp is not None
+    return (
+        cp.meta,
+        list(cp.messages),
+        cp.iteration,
+        list(cp.completed_phases),
+        cp.created_at,
+        cp.updated_at,
+        cp.attempts,
+        str(cp.status),
+        cp.last_error,
+        cp.app_version,
+        cp.owner,
+        cp.epoch,
+    )
+
+
+async def test_downgrade_and_upgrade_keep_checkpoints(sql_url: str) -> None:
+    """Going down to any earlier revision (not base) and back up loses no checkpoint."""
+    runs = [
+        RunCheckpoint(
+            RunCheckpointMeta(f"run-{i:03d}", agent_id="agent", prompt="p\u00e9"),
+            messages=[{"role": "user", "content": f"m{j} \U0001f600"} for j in range(i % 4)],
+            iteration=i,
+            completed_phases=["plan"] if i % 2 else [],
+            app_version="v1",
+            owner="o",
+        )
+        for i in range(205)  # more than one batch of a data migration
+    ]
+    async with SQLCheckpointStore.open(sql_url) as store:
+        for cp in runs:
+            await store.save(cp)
+        await store.record_error("run-001", "boom")
+        before = {cp.run_id: _snapshot(await store.load(cp.run_id)) for cp in runs}
+    assert [m for m in before.values() if m[1]], "some runs have messages"
+
+    for rev in _revisions()[:-1]:
+        await migrate(sql_url, rev)
+        assert await _revision(sql_url) == rev
+        await migrate(sql_url)
+        assert await _revision(sql_url) == REQUIRED_REVISION
+        async with SQLCheckpointStore.open(sql_url) as store:
+            after = {cp.run_id: _snapshot(await store.load(cp.run_id)) for cp in runs}
+            assert await store.count() == len(runs)
+        assert after == before, f"checkpoints changed going down to {rev} and back up"
 
 
 # -- the schema module and the migrations agree -----------------------------------------------
@@ -283,7 +366,7 @@ async def test_store_refuses_unmigrated_db_lazily_on_first_use(empty_sql_url: st
     assert "run_checkpoints" not in await _tables(empty_sql_url)
 
 
-@pytest.mark.parametrize("stamped", ["0000", "0002"])
+@pytest.mark.parametrize("stamped", ["0000", "9999"])
 async def test_store_refuses_db_at_other_revision(sql_url: str, stamped: str) -> None:
     await _execute(sql_url, f"UPDATE {VERSION_TABLE} SET version_num = '{stamped}'")
     url = _with_password(sql_url, "s3cretpw")

@@ -113,6 +113,8 @@ def test_wheel_contains_migrations_and_marker(wheel: Path) -> None:
     assert "executus_ckpt/_migrations/env.py" in names
     assert "executus_ckpt/_migrations/versions/0001_run_checkpoints.py" in names
     assert "executus_ckpt/_migrations/script.py.mako" in names
+    for version in (REPO_ROOT / "migrations" / "versions").glob("*.py"):
+        assert f"executus_ckpt/_migrations/versions/{version.name}" in names, version.name
     assert "executus_ckpt/py.typed" in names
     assert "executus_ckpt/schema.py" in names
     assert "executus_ckpt/migrate.py" in names

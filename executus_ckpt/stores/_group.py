@@ -1,0 +1,129 @@
+"""Group commit: queued writes of many callers share one transaction and one fsync.
+
+SQLite has one writer at a time and pays an fsync per commit (``synchronous=FULL``). When many
+runs save at once, running each save in its own transaction serializes them on that fsync.
+Here the first write to arrive starts a drainer task, owned by the store, that takes every
+write queued so far and runs them in one transaction; writes that arrive meanwhile form the
+next batch. A caller's future is resolved only after the commit that contains its write, so a
+``save`` still returns only once its own state is durable.
+
+An operation that raises a :class:`CheckpointError` must do so before it writes anything (the
+store's operations validate, then write): the batch goes on without it. Any other error rolls
+back the whole batch and every caller in it gets the error; nothing is half-written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from ..errors import CheckpointError, StoreUnavailableError
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Operation = Callable[[AsyncConnection], Awaitable[T]]
+
+
+@dataclass(slots=True)
+class _Pending(Generic[T]):
+    op: Operation[T]
+    future: asyncio.Future[T]
+    action: str
+    run_id: str | None
+
+
+class GroupCommitter:
+    """Serializes writes through one owned drainer task, batching them per transaction."""
+
+    def __init__(
+        self,
+        begin: Callable[[], AbstractAsyncContextManager[AsyncConnection]],
+        map_error: Callable[[str, str | None, BaseException], BaseException],
+        *,
+        max_batch: int = 64,
+    ) -> None:
+        self._begin = begin
+        self._map_error = map_error
+        self._max_batch = max_batch
+        self._queue: deque[_Pending[Any]] = deque()
+        self._drainer: asyncio.Task[None] | None = None
+        self.batches = 0
+        self.operations = 0
+
+    async def submit(self, action: str, run_id: str | None, op: Operation[T]) -> T:
+        """Run ``op(conn)`` in the next shared transaction; returns once it is committed.
+
+        Cancelling the caller does not cancel the write (it is finished with its batch).
+        """
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._queue.append(_Pending(op, future, action, run_id))
+        if self._drainer is None or self._drainer.done():
+            self._drainer = loop.create_task(self._drain(), name="executus_ckpt.group_commit")
+        return await asyncio.shield(future)
+
+    async def aclose(self) -> None:
+        """Wait for queued writes to finish."""
+        if self._drainer is not None and not self._drainer.done():
+            await asyncio.wait([self._drainer])
+
+    async def _drain(self) -> None:
+        while self._queue:
+            batch = [self._queue.popleft() for _ in range(min(self._max_batch, len(self._queue)))]
+            try:
+                await self._run(batch)
+            except asyncio.CancelledError:
+                # Only at loop shutdown: tell the waiters, then stop.
+                error = StoreUnavailableError("write cancelled: the event loop is shutting down")
+                for item in [*batch, *self._queue]:
+                    _settle(item.future, error=error)
+                self._queue.clear()
+                raise
+
+    async def _run(self, batch: list[_Pending[Any]]) -> None:
+        results: list[tuple[Any, BaseException | None]] = []
+        try:
+            async with self._begin() as conn:
+                for item in batch:
+                    try:
+                        results.append((await item.op(conn), None))
+                    except CheckpointError as exc:  # raised before the op wrote anything
+                        results.append((None, exc))
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            for item in batch:
+                mapped = (
+                    exc
+                    if isinstance(exc, CheckpointError)
+                    else self._map_error(item.action, item.run_id, exc)
+                )
+                _settle(item.future, error=mapped)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        self.batches += 1
+        self.operations += len(batch)
+        if len(batch) > 1:
+            logger.debug("group commit of %d writes", len(batch))
+        for item, (value, failure) in zip(batch, results, strict=True):
+            _settle(item.future, value=value, error=failure)
+
+
+def _settle(
+    future: asyncio.Future[Any], *, value: Any = None, error: BaseException | None = None
+) -> None:
+    if future.done():  # the caller was cancelled: nobody waits for this result
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(value)
