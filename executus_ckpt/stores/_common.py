@@ -46,6 +46,18 @@ def check_header(checkpoint: RunCheckpoint) -> bytes:
             )
     if checkpoint.meta.prompt is not None and not isinstance(checkpoint.meta.prompt, str):
         raise CheckpointError(f"meta.prompt of run {run_id!r} must be a str", run_id=run_id)
+    for name, value in (
+        ("run_id", run_id),
+        *((f"meta.{n}", getattr(checkpoint.meta, n)) for n in (*_META_FIELDS, "prompt")),
+        ("app_version", checkpoint.app_version),
+        ("owner", checkpoint.owner),
+    ):
+        # PostgreSQL text cannot hold NUL; refuse it everywhere so every backend agrees.
+        if isinstance(value, str) and "\x00" in value:
+            raise CheckpointError(
+                f"{name} of run {run_id!r} contains a NUL character, which SQL text cannot hold",
+                run_id=run_id,
+            )
     if not isinstance(checkpoint.iteration, int) or isinstance(checkpoint.iteration, bool):
         raise CheckpointError(
             f"iteration of run {run_id!r} must be an int, got {checkpoint.iteration!r}",
@@ -63,6 +75,11 @@ def check_header(checkpoint: RunCheckpoint) -> bytes:
             run_id=run_id,
         )
     return codec.encode(list(phases), run_id=run_id)
+
+
+def clean_text(text: str) -> str:
+    """Diagnostic text (errors) made storable everywhere: NUL becomes the two chars ``\\0``."""
+    return text.replace("\x00", "\\0")
 
 
 def encode_messages(messages: Sequence[object], run_id: str) -> list[bytes]:

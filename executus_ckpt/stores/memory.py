@@ -21,6 +21,7 @@ from ..types import (
 from ._common import (
     as_utc,
     check_header,
+    clean_text,
     check_size,
     cutoff,
     encode_messages,
@@ -233,14 +234,14 @@ class InMemoryCheckpointStore:
         if row is None or (epoch is not None and row.epoch > epoch):
             return False
         row.status = CheckpointStatus.DEAD
-        row.last_error = reason
+        row.last_error = clean_text(reason)
         return True
 
     async def record_error(self, run_id: str, error: str) -> bool:
         row = self._rows.get(run_id)
         if row is None:
             return False
-        row.last_error = error
+        row.last_error = clean_text(error)
         return True
 
     async def count(self, *, status: CheckpointStatus | None = None) -> int:

@@ -38,6 +38,7 @@ from ..types import (
 from ._common import (
     as_utc,
     check_header,
+    clean_text,
     check_size,
     cutoff,
     encode_messages,
@@ -644,7 +645,7 @@ class SQLCheckpointStore:
         stmt = (
             t.update()
             .where(t.c.run_id == run_id)
-            .values(status=str(CheckpointStatus.DEAD), last_error=reason)
+            .values(status=str(CheckpointStatus.DEAD), last_error=clean_text(reason))
         )
         if epoch is not None:
             stmt = stmt.where(t.c.epoch <= epoch)
@@ -656,7 +657,7 @@ class SQLCheckpointStore:
 
     async def record_error(self, run_id: str, error: str) -> bool:
         """Store ``error`` as the run's last error; True if the run exists."""
-        stmt = t.update().where(t.c.run_id == run_id).values(last_error=error)
+        stmt = t.update().where(t.c.run_id == run_id).values(last_error=clean_text(error))
 
         async def op(conn: AsyncConnection) -> bool:
             return bool((await conn.execute(stmt)).rowcount)
