@@ -91,7 +91,7 @@ async def test_append_writes_only_new_messages_and_header(sql_store: SQLCheckpoi
         assert len(flat) < 3 * 2000 + 2000, "parameters are O(new messages), not O(transcript)"
     loaded = await sql_store.load("r")
     assert loaded is not None and loaded.messages == transcript
-    summary = [s async for s in sql_store.iter_summaries()][0]
+    (summary,) = [s async for s in sql_store.iter_summaries()]
     assert summary.message_count == len(transcript)
 
 
