@@ -25,6 +25,7 @@ from .recovery import RecoveryReport, recover_interrupted
 from .stores.memory import InMemoryCheckpointStore
 from .stores.sql import SQLCheckpointStore
 from .types import (
+    CheckpointStats,
     CheckpointStatus,
     CheckpointSummary,
     JSONValue,
@@ -43,6 +44,7 @@ __all__ = [
     "CheckpointFencedError",
     "CheckpointNotFoundError",
     "CheckpointSerializationError",
+    "CheckpointStats",
     "CheckpointStatus",
     "CheckpointStore",
     "CheckpointSummary",

@@ -1,59 +1,611 @@
-"""The ``executus-ckpt`` command (also ``python -m executus_ckpt``).
+"""The ``executus-ckpt`` operator command (also ``python -m executus_ckpt``).
 
-The only place with ``asyncio.run`` and logging set-up.
+Every action is a library call on the store; this module only presents it. It is the only
+place with ``asyncio.run`` and logging set-up. Exit codes: 0 success, 1 operational error
+(database unreachable, schema out of date, run not found), 2 usage error.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
+import re
 import sys
-from collections.abc import Coroutine
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, NoReturn, TypeVar
 
 import click
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from .config import DEFAULT_DATABASE_URL, ENV_DATABASE_URL
-from .errors import CheckpointError
+from .errors import CheckpointError, CheckpointNotFoundError
+from .types import CheckpointStatus, CheckpointSummary, RunCheckpoint, utcnow
 
 T = TypeVar("T")
 
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_STATUSES = {"active": CheckpointStatus.ACTIVE, "dead": CheckpointStatus.DEAD, "all": None}
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-def main() -> None:
-    """Inspect and manage executus_ckpt run checkpoints."""
+
+def parse_duration(text: str) -> float:
+    """``"30m"``, ``"2h"``, ``"7d"``, ``"45s"``, ``"1w"`` → seconds."""
+    match = _DURATION.match(text)
+    if not match:
+        raise ValueError(f"invalid duration {text!r}: use a number and a unit, e.g. 30m, 2h, 7d")
+    return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+class Duration(click.ParamType):  # type: ignore[type-arg,unused-ignore]
+    name = "duration"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> float:
+        if isinstance(value, int | float):
+            return float(value)
+        try:
+            return parse_duration(str(value))
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+def safe_url(url: str) -> str:
+    """The URL with any password masked (never print a secret)."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "<unparseable URL>"
+
+
+@dataclass
+class Settings:
+    url: str
+    json: bool
+
+
+def _fail(message: str, code: int = 1) -> NoReturn:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a command's coroutine; expected failures become one line and exit code 1."""
+    try:
+        return asyncio.run(coro)
+    except CheckpointError as exc:
+        _fail(str(exc))
+    except ArgumentError:
+        _fail(
+            "the database URL is malformed; expected e.g. sqlite+aiosqlite:///file.db "
+            "or postgresql+asyncpg://user@host/db",
+            2,
+        )
+    except (ModuleNotFoundError, ImportError) as exc:
+        hint = " (pip install 'executus-ckpt[postgres]')" if "asyncpg" in str(exc) else ""
+        _fail(f"a database driver is missing: {exc}{hint}")
+
+
+@asynccontextmanager
+async def _store(settings: Settings) -> AsyncIterator[Any]:
+    from .stores.sql import SQLCheckpointStore
+
+    async with SQLCheckpointStore.open(settings.url) as store:
+        yield store
+
+
+def _emit_json(document: Any) -> None:
+    click.echo(json.dumps(document, default=_json_default, ensure_ascii=False))
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    raise TypeError(type(value).__name__)
+
+
+def _age(ts: datetime) -> str:
+    seconds = max(0.0, (utcnow() - ts).total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+def _size(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
+def summary_json(s: CheckpointSummary) -> dict[str, Any]:
+    """The documented JSON shape of one listed run."""
+    return {
+        "run_id": s.run_id,
+        "agent_id": s.meta.agent_id,
+        "agent_name": s.meta.agent_name,
+        "status": str(s.status),
+        "iteration": s.iteration,
+        "completed_phases": list(s.completed_phases),
+        "message_count": s.message_count,
+        "size_bytes": s.size_bytes,
+        "attempts": s.attempts,
+        "owner": s.owner,
+        "app_version": s.app_version,
+        "epoch": s.epoch,
+        "last_error": s.last_error,
+        "created_at": s.created_at,
+        "updated_at": s.updated_at,
+    }
+
+
+def checkpoint_json(cp: RunCheckpoint, last: int | None) -> dict[str, Any]:
+    """The documented JSON shape of ``show``."""
+    m = cp.meta
+    messages = list(cp.messages)
+    return {
+        "run_id": m.run_id,
+        "meta": {
+            "agent_id": m.agent_id,
+            "agent_name": m.agent_name,
+            "caller_id": m.caller_id,
+            "channel_id": m.channel_id,
+            "guild_id": m.guild_id,
+            "model_tier": m.model_tier,
+            "parent_run_id": m.parent_run_id,
+            "prompt": m.prompt,
+        },
+        "status": str(cp.status),
+        "iteration": cp.iteration,
+        "completed_phases": list(cp.completed_phases),
+        "message_count": len(messages),
+        "attempts": cp.attempts,
+        "owner": cp.owner,
+        "app_version": cp.app_version,
+        "epoch": cp.epoch,
+        "last_error": cp.last_error,
+        "created_at": cp.created_at,
+        "updated_at": cp.updated_at,
+        "messages": messages[-last:] if last else [],
+    }
+
+
+# -- the command group -----------------------------------------------------------------------
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option(
+    "--url",
+    envvar=ENV_DATABASE_URL,
+    default=DEFAULT_DATABASE_URL,
+    show_default=True,
+    help=f"Database URL; else ${ENV_DATABASE_URL}, else the embedded SQLite default.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (see README).")
+@click.option("-v", "--verbose", count=True, help="Log to stderr (-v info, -vv debug).")
+@click.pass_context
+def main(ctx: click.Context, url: str, as_json: bool, verbose: int) -> None:
+    """See and act on executus_ckpt run checkpoints without writing SQL."""
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(
+        level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    ctx.obj = Settings(url=url, json=as_json)
+
+
+def _json_flag(f: Callable[..., Any]) -> Callable[..., Any]:
+    """Accept ``--json`` after the subcommand too."""
+    return click.option("--json", "sub_json", is_flag=True, help="Machine-readable output.")(f)
+
+
+def _settings(ctx: click.Context, sub_json: bool) -> Settings:
+    s: Settings = ctx.obj
+    if sub_json:
+        s.json = True
+    return s
 
 
 @main.command()
-@click.option("--url", envvar=ENV_DATABASE_URL, default=DEFAULT_DATABASE_URL, show_default=True)
 @click.option("--revision", default="head", show_default=True, help="Target revision.")
-def migrate(url: str, revision: str) -> None:
-    """Bring the checkpoint schema to REVISION (default: the newest)."""
+@_json_flag
+@click.pass_context
+def migrate(ctx: click.Context, revision: str, sub_json: bool) -> None:
+    """Bring the schema to REVISION (default: the newest)."""
+    from .migrate import current_revision
     from .migrate import migrate as run_migrations
+    from .stores.sql import SQLCheckpointStore
 
-    _run(run_migrations(url, revision))
-    click.echo(f"schema at {revision}")
+    s = _settings(ctx, sub_json)
+
+    async def go() -> tuple[str | None, str | None]:
+        store = SQLCheckpointStore.from_url(s.url)
+        try:
+            before = await current_revision(store.engine)
+            await run_migrations(store.engine, revision)
+            return before, await current_revision(store.engine)
+        finally:
+            await store.aclose()
+
+    if not s.json and sys.stderr.isatty():
+        click.echo(f"migrating {safe_url(s.url)} to {revision}...", err=True)
+    before, after = _run(go())
+    if s.json:
+        _emit_json({"url": safe_url(s.url), "from": before, "to": after})
+    else:
+        click.echo(f"schema at revision {after} (was {before or 'empty'}) - {safe_url(s.url)}")
+
+
+@main.command()
+@_json_flag
+@click.pass_context
+def current(ctx: click.Context, sub_json: bool) -> None:
+    """Show the schema revision found and the one this version needs."""
+    from .migrate import current_revision
+    from .schema import REQUIRED_REVISION
+    from .stores.sql import SQLCheckpointStore
+
+    s = _settings(ctx, sub_json)
+
+    async def go() -> str | None:
+        store = SQLCheckpointStore.from_url(s.url)
+        try:
+            return await current_revision(store.engine)
+        except CheckpointError:
+            raise
+        except Exception as exc:
+            raise store._unavailable("reading the schema revision", None, exc) from exc
+        finally:
+            await store.aclose()
+
+    found = _run(go())
+    ok = found == REQUIRED_REVISION
+    if s.json:
+        _emit_json({"found": found, "required": REQUIRED_REVISION, "up_to_date": ok})
+    else:
+        click.echo(
+            f"found: {found or 'none'}  required: {REQUIRED_REVISION}  "
+            + ("(up to date)" if ok else "(run: executus-ckpt migrate)")
+        )
+    if not ok:
+        sys.exit(1)
+
+
+@main.command("list")
+@click.option("--status", type=click.Choice(list(_STATUSES)), default="active", show_default=True)
+@click.option("--agent", help="Only runs of this agent id.")
+@click.option("--older-than", type=Duration(), help="Not updated for this long (30m, 2h, 7d).")
+@click.option("--limit", type=click.IntRange(min=1), help="At most N runs.")
+@click.option("--newest-first", is_flag=True, help="Newest first (default: oldest first).")
+@_json_flag
+@click.pass_context
+def list_(
+    ctx: click.Context,
+    status: str,
+    agent: str | None,
+    older_than: float | None,
+    limit: int | None,
+    newest_first: bool,
+    sub_json: bool,
+) -> None:
+    """List checkpoints (streams: memory stays flat on any number of rows).
+
+    --json prints one JSON object per line.
+    """
+    s = _settings(ctx, sub_json)
+
+    async def go() -> int:
+        shown = 0
+        table = None if s.json else _ListTable()
+        async with _store(s) as store:
+            async for summary in store.iter_summaries(
+                status=_STATUSES[status],
+                agent_id=agent,
+                older_than=older_than,
+                limit=limit,
+                newest_first=newest_first,
+            ):
+                shown += 1
+                if table is None:
+                    _emit_json(summary_json(summary))
+                else:
+                    table.add(summary)
+        if table is not None:
+            table.flush(shown)
+        return shown
+
+    _run(go())
+
+
+class _ListTable:
+    """Prints rows in chunks so that a huge listing never sits in memory."""
+
+    COLUMNS = (
+        "run id",
+        "agent",
+        "iter",
+        "phases",
+        "msgs",
+        "size",
+        "age",
+        "tries",
+        "owner",
+        "status",
+    )
+
+    def __init__(self) -> None:
+        from rich.console import Console
+
+        self.console = Console(soft_wrap=False)
+        if not self.console.is_terminal:  # piped: never truncate columns to 80
+            self.console = Console(soft_wrap=False, width=250)
+        self.rows: list[tuple[str, ...]] = []
+        self.header_done = False
+
+    def add(self, s: CheckpointSummary) -> None:
+        self.rows.append(
+            (
+                s.run_id,
+                s.meta.agent_id or "-",
+                str(s.iteration),
+                ",".join(s.completed_phases) or "-",
+                str(s.message_count),
+                _size(s.size_bytes),
+                _age(s.updated_at),
+                str(s.attempts),
+                s.owner or "-",
+                str(s.status),
+            )
+        )
+        if len(self.rows) >= 500:
+            self._print()
+
+    def _print(self) -> None:
+        from rich.table import Table
+
+        table = Table(show_header=not self.header_done, box=None, pad_edge=False)
+        for col in self.COLUMNS:
+            table.add_column(col, no_wrap=True)
+        for row in self.rows:
+            table.add_row(*row)
+        if self.rows or not self.header_done:
+            self.console.print(table)
+        self.header_done = True
+        self.rows.clear()
+
+    def flush(self, shown: int) -> None:
+        if shown == 0:
+            self.console.print("no checkpoints match")
+            return
+        self._print()
+        self.console.print(f"{shown} run(s)")
+
+
+@main.command()
+@click.argument("run_id")
+@click.option(
+    "--messages",
+    "last",
+    type=click.IntRange(min=0),
+    default=5,
+    show_default=True,
+    help="Show the last N messages.",
+)
+@_json_flag
+@click.pass_context
+def show(ctx: click.Context, run_id: str, last: int, sub_json: bool) -> None:
+    """Show one run: meta, bookkeeping, last error and its last messages."""
+    s = _settings(ctx, sub_json)
+
+    async def go() -> RunCheckpoint:
+        async with _store(s) as store:
+            cp: RunCheckpoint | None = await store.load(run_id)
+        if cp is None:
+            raise CheckpointNotFoundError(
+                f"no checkpoint for run {run_id!r} (see `executus-ckpt list --status all`)",
+                run_id=run_id,
+            )
+        return cp
+
+    cp = _run(go())
+    doc = checkpoint_json(cp, last)
+    if s.json:
+        _emit_json(doc)
+        return
+    for key in (
+        "run_id",
+        "status",
+        "iteration",
+        "message_count",
+        "attempts",
+        "owner",
+        "app_version",
+        "epoch",
+    ):
+        click.echo(f"{key:>16}: {doc[key]}")
+    for key, value in doc["meta"].items():
+        if value is not None:
+            click.echo(f"{key:>16}: {value}")
+    click.echo(f"{'phases done':>16}: {', '.join(doc['completed_phases']) or '-'}")
+    click.echo(f"{'created':>16}: {cp.created_at.isoformat()} ({_age(cp.created_at)} ago)")
+    click.echo(f"{'updated':>16}: {cp.updated_at.isoformat()} ({_age(cp.updated_at)} ago)")
+    click.echo(f"{'last error':>16}: {cp.last_error or '-'}")
+    if last:
+        click.echo(f"last {len(doc['messages'])} of {doc['message_count']} messages:")
+        for msg in doc["messages"]:
+            text = json.dumps(msg, ensure_ascii=False)
+            click.echo("  " + (text if len(text) <= 200 else text[:197] + "..."))
+
+
+def _each_run(action: str, store_call: str, verb: str) -> Callable[..., None]:
+    @click.argument("run_ids", nargs=-1, required=True)
+    @_json_flag
+    @click.pass_context
+    def command(ctx: click.Context, run_ids: tuple[str, ...], sub_json: bool) -> None:
+        s = _settings(ctx, sub_json)
+
+        async def go() -> dict[str, bool]:
+            async with _store(s) as store:
+                method = getattr(store, store_call)
+                return {run_id: bool(await method(run_id)) for run_id in run_ids}
+
+        done = _run(go())
+        missing = [r for r, ok in done.items() if not ok]
+        if s.json:
+            _emit_json({verb: [r for r, ok in done.items() if ok], "not_found": missing})
+        else:
+            for run_id, ok in done.items():
+                click.echo(f"{verb} {run_id}" if ok else f"not {verb} {run_id}: {action}")
+        if missing:
+            sys.exit(1)
+
+    return command
+
+
+main.command("delete", help="Delete the checkpoints of RUN_IDS.")(
+    _each_run("no such checkpoint", "delete", "deleted")
+)
+main.command("requeue", help="Make dead RUN_IDS recoverable again (attempts reset).")(
+    _each_run("no such dead run", "requeue", "requeued")
+)
+
+
+@main.command()
+@click.option("--older-than", type=Duration(), required=True, help="Age, e.g. 7d.")
+@click.option("--status", type=click.Choice(list(_STATUSES)), default="dead", show_default=True)
+@click.option("--dry-run", is_flag=True, help="Only say how many would be removed.")
+@click.option("--yes", is_flag=True, help="Do not ask (required when not on a terminal).")
+@click.option("--batch-size", type=click.IntRange(1, 10_000), default=500, show_default=True)
+@_json_flag
+@click.pass_context
+def purge(
+    ctx: click.Context,
+    older_than: float,
+    status: str,
+    dry_run: bool,
+    yes: bool,
+    batch_size: int,
+    sub_json: bool,
+) -> None:
+    """Delete checkpoints not updated for --older-than, in bounded batches."""
+    s = _settings(ctx, sub_json)
+    wanted = _STATUSES[status]
+
+    async def count() -> int:
+        async with _store(s) as store:
+            return int(await store.purge(older_than=older_than, status=wanted, dry_run=True))
+
+    if dry_run:
+        n = _run(count())
+        if s.json:
+            _emit_json({"dry_run": True, "would_delete": n})
+        else:
+            click.echo(f"would delete {n} checkpoint(s) ({status}, older than {older_than:g}s)")
+        return
+    if not yes:
+        if not sys.stdin.isatty():
+            _fail("purge deletes checkpoints: pass --yes to confirm when not on a terminal", 2)
+        n = _run(count())
+        click.confirm(f"delete {n} checkpoint(s) ({status})?", abort=True)
+    interactive = not s.json and sys.stderr.isatty()
+
+    async def go() -> int:
+        async with _store(s) as store:
+            progress = (
+                (lambda done: click.echo(f"\rdeleted {done}...", nl=False, err=True))
+                if (interactive)
+                else None
+            )
+            return int(
+                await store.purge(
+                    older_than=older_than,
+                    status=wanted,
+                    batch_size=batch_size,
+                    on_progress=progress,
+                )
+            )
+
+    n = _run(go())
+    if interactive:
+        click.echo("", err=True)
+    if s.json:
+        _emit_json({"dry_run": False, "deleted": n})
+    else:
+        click.echo(f"deleted {n} checkpoint(s)")
+
+
+@main.command()
+@_json_flag
+@click.pass_context
+def stats(ctx: click.Context, sub_json: bool) -> None:
+    """Counts by status and agent, stored sizes, the oldest interrupted run."""
+    s = _settings(ctx, sub_json)
+
+    async def go() -> Any:
+        async with _store(s) as store:
+            return await store.stats()
+
+    st = _run(go())
+    doc = {
+        "total": st.total,
+        "by_status": dict(st.by_status),
+        "by_agent": dict(st.by_agent),
+        "total_size_bytes": st.total_size_bytes,
+        "largest_size_bytes": st.largest_size_bytes,
+        "largest_run_id": st.largest_run_id,
+        "oldest_interrupted_run_id": st.oldest_interrupted_run_id,
+        "oldest_interrupted_at": st.oldest_interrupted_at,
+    }
+    if s.json:
+        _emit_json(doc)
+        return
+    click.echo(
+        f"checkpoints: {st.total}  ("
+        + ", ".join(f"{k} {v}" for k, v in sorted(st.by_status.items()))
+        + ")"
+    )
+    for agent, n in sorted(st.by_agent.items(), key=lambda kv: (-kv[1], kv[0])):
+        click.echo(f"  agent {agent or '-'}: {n}")
+    click.echo(
+        f"stored: {_size(st.total_size_bytes)} in all, largest {_size(st.largest_size_bytes)}"
+        + (f" ({st.largest_run_id})" if st.largest_run_id else "")
+    )
+    if st.oldest_interrupted_run_id and st.oldest_interrupted_at:
+        click.echo(
+            f"oldest interrupted: {st.oldest_interrupted_run_id}, "
+            f"updated {_age(st.oldest_interrupted_at)} ago"
+        )
+    else:
+        click.echo("oldest interrupted: none")
 
 
 @main.command()
 @click.option("--db", default="executus_ckpt_demo.db", show_default=True, help="SQLite file.")
 @click.option("--runs", default=4, show_default=True, type=click.IntRange(2, 50))
 @click.option("--latency", default=0.05, show_default=True, type=float, help="Seconds per step.")
+@click.option(
+    "--crash-only",
+    is_flag=True,
+    help="Stop after the crash: leave the interrupted runs in --db to look at with the CLI.",
+)
 @click.option("--child", is_flag=True, hidden=True)
-@click.option("--url", hidden=True)
-def demo(db: str, runs: int, latency: float, child: bool, url: str | None) -> None:
+@click.option("--child-url", hidden=True)
+def demo(
+    db: str, runs: int, latency: float, crash_only: bool, child: bool, child_url: str | None
+) -> None:
     """Crash a simulated agent service with SIGKILL mid-run, then recover its runs."""
     from . import demo as demo_module
 
     if child:
-        assert url is not None
-        _run(demo_module.run_child(url, runs, latency))
+        assert child_url is not None
+        _run(demo_module.run_child(child_url, runs, latency))
         return
-    summary = _run(demo_module.run_demo(db, runs=runs, latency=latency))
-    sys.exit(0 if summary.ok else 1)
-
-
-def _run(coro: Coroutine[Any, Any, T]) -> T:
-    try:
-        return asyncio.run(coro)
-    except CheckpointError as exc:
-        raise click.ClickException(str(exc)) from exc
+    summary = _run(demo_module.run_demo(db, runs=runs, latency=latency, crash_only=crash_only))
+    sys.exit(0 if summary.ok or (crash_only and summary.killed > 0) else 1)

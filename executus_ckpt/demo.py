@@ -189,8 +189,12 @@ async def run_demo(
     runs: int = 4,
     latency: float = 0.05,
     out: Callable[[str], None] = print,
+    crash_only: bool = False,
 ) -> DemoSummary:
-    """Run the whole demo; returns its summary. The database file is recreated each time."""
+    """Run the whole demo; returns its summary. The database file is recreated each time.
+
+    With ``crash_only`` it stops after the crash, leaving the interrupted runs in the file.
+    """
     path = fresh_database(db_path)
     url = f"sqlite+aiosqlite:///{path}"
     summary = DemoSummary(db_path=str(path), started=runs)
@@ -202,6 +206,10 @@ async def run_demo(
     finished_before = await _crash_child(url, runs, latency, out)
     summary.finished_before_crash = len(finished_before)
     summary.killed = runs - len(finished_before)
+    if crash_only:
+        out(f"\nleft {summary.killed} interrupted run(s) in {path}; try:")
+        out(f"  executus-ckpt --url sqlite+aiosqlite:///{path} list")
+        return summary
 
     # 2. The service boots again and recovers what was in flight.
     out("\n== boot 2: the service restarts and looks for interrupted runs ==")
@@ -276,7 +284,7 @@ async def _crash_child(url: str, runs: int, latency: float, out: Callable[[str],
         "executus_ckpt",
         "demo",
         "--child",
-        "--url",
+        "--child-url",
         url,
         "--runs",
         str(runs),

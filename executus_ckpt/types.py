@@ -205,3 +205,18 @@ class RunCheckpoint:
             iteration=self.iteration,
             completed_phases=self.completed_phases,
         )
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointStats:
+    """Counts and sizes over a store's checkpoints (``stats()``); sizes in bytes."""
+
+    total: int = 0
+    by_status: Mapping[str, int] = field(default_factory=dict)
+    by_agent: Mapping[str, int] = field(default_factory=dict)
+    """Checkpoints per agent id (``""`` for runs without one)."""
+    total_size_bytes: int = 0
+    largest_size_bytes: int = 0
+    largest_run_id: str | None = None
+    oldest_interrupted_run_id: str | None = None
+    oldest_interrupted_at: datetime | None = None

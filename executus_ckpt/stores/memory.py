@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import cast
@@ -11,6 +11,7 @@ from .. import codec
 from ..config import DEFAULT_MAX_CHECKPOINT_BYTES
 from ..errors import CheckpointFencedError
 from ..types import (
+    CheckpointStats,
     CheckpointStatus,
     CheckpointSummary,
     JSONValue,
@@ -21,8 +22,8 @@ from ..types import (
 from ._common import (
     as_utc,
     check_header,
-    clean_text,
     check_size,
+    clean_text,
     cutoff,
     encode_messages,
     join_messages,
@@ -243,6 +244,56 @@ class InMemoryCheckpointStore:
             return False
         row.last_error = clean_text(error)
         return True
+
+    async def requeue(self, run_id: str) -> bool:
+        """Make a dead run recoverable again (status active, attempts 0); True if it was dead."""
+        row = self._rows.get(run_id)
+        if row is None or row.status != CheckpointStatus.DEAD:
+            return False
+        row.status = CheckpointStatus.ACTIVE
+        row.attempts = 0
+        return True
+
+    async def purge(
+        self,
+        *,
+        older_than: float,
+        status: CheckpointStatus | None = CheckpointStatus.DEAD,
+        dry_run: bool = False,
+        batch_size: int = 500,
+        on_progress: Callable[[int], None] | None = None,
+    ) -> int:
+        """Delete checkpoints not updated for ``older_than`` seconds; returns how many."""
+        doomed = [r.meta.run_id for r in self._select(status, None, older_than, False)]
+        if not dry_run:
+            for done, run_id in enumerate(doomed, 1):
+                del self._rows[run_id]
+                if on_progress is not None and done % batch_size == 0:
+                    on_progress(done)
+        if on_progress is not None:
+            on_progress(len(doomed))
+        return len(doomed)
+
+    async def stats(self) -> CheckpointStats:
+        """Counts by status and agent, sizes, and the oldest interrupted run."""
+        rows = list(self._rows.values())
+        by_status: dict[str, int] = {}
+        by_agent: dict[str, int] = {}
+        for r in rows:
+            by_status[str(r.status)] = by_status.get(str(r.status), 0) + 1
+            by_agent[r.meta.agent_id or ""] = by_agent.get(r.meta.agent_id or "", 0) + 1
+        largest = max(rows, key=lambda r: (r.size_bytes, r.meta.run_id), default=None)
+        active = self._select(CheckpointStatus.ACTIVE, None, None, False)
+        return CheckpointStats(
+            total=len(rows),
+            by_status=by_status,
+            by_agent=by_agent,
+            total_size_bytes=sum(r.size_bytes for r in rows),
+            largest_size_bytes=largest.size_bytes if largest else 0,
+            largest_run_id=largest.meta.run_id if largest else None,
+            oldest_interrupted_run_id=active[0].meta.run_id if active else None,
+            oldest_interrupted_at=active[0].updated_at if active else None,
+        )
 
     async def count(self, *, status: CheckpointStatus | None = None) -> int:
         """How many checkpoints are stored (with ``status``, only those)."""

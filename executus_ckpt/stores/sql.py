@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any, Literal, TypeVar, cast
@@ -28,6 +28,7 @@ from ..errors import (
 from ..schema import run_checkpoint_messages as m
 from ..schema import run_checkpoints as t
 from ..types import (
+    CheckpointStats,
     CheckpointStatus,
     CheckpointSummary,
     JSONValue,
@@ -38,8 +39,8 @@ from ..types import (
 from ._common import (
     as_utc,
     check_header,
-    clean_text,
     check_size,
+    clean_text,
     cutoff,
     encode_messages,
     join_messages,
@@ -663,6 +664,119 @@ class SQLCheckpointStore:
             return bool((await conn.execute(stmt)).rowcount)
 
         return await self._submit("recording an error for", run_id, op)
+
+    async def requeue(self, run_id: str) -> bool:
+        """Make a dead run recoverable again (status active, attempts 0); True if it was dead."""
+        stmt = (
+            t.update()
+            .where(t.c.run_id == run_id, t.c.status == str(CheckpointStatus.DEAD))
+            .values(status=str(CheckpointStatus.ACTIVE), attempts=0)
+        )
+
+        async def op(conn: AsyncConnection) -> bool:
+            return bool((await conn.execute(stmt)).rowcount)
+
+        return await self._submit("requeueing", run_id, op)
+
+    async def purge(
+        self,
+        *,
+        older_than: float,
+        status: CheckpointStatus | None = CheckpointStatus.DEAD,
+        dry_run: bool = False,
+        batch_size: int = 500,
+        on_progress: Callable[[int], None] | None = None,
+    ) -> int:
+        """Delete checkpoints not updated for ``older_than`` seconds; returns how many.
+
+        Deletes in transactions of at most ``batch_size`` runs (no long lock on a table that
+        live runs write to), re-checking the age in the ``DELETE`` itself, so a run written
+        meanwhile is never removed; on PostgreSQL rows locked by a write in flight are skipped
+        (``SKIP LOCKED``). ``dry_run`` only counts. ``status=None`` purges every status.
+        """
+        bound = cutoff(older_than)
+        filters = self._filters(status, None, None)
+        if bound is not None:
+            filters.append(t.c.updated_at <= bound)
+        if dry_run:
+            stmt = select(func.count()).select_from(t).where(*filters)
+            async with self._read("counting runs to purge", None) as conn:
+                return int((await conn.execute(stmt)).scalar_one())
+        pick = select(t.c.run_id).where(*filters).order_by(t.c.updated_at).limit(batch_size)
+        if self._dialect == "postgresql":
+            pick = pick.with_for_update(skip_locked=True)
+
+        async def op(conn: AsyncConnection) -> int:
+            ids = list((await conn.execute(pick)).scalars())
+            if not ids:
+                return 0
+            gone = list(
+                (
+                    await conn.execute(
+                        t.delete().where(t.c.run_id.in_(ids), *filters).returning(t.c.run_id)
+                    )
+                ).scalars()
+            )
+            if gone:
+                await conn.execute(m.delete().where(m.c.run_id.in_(gone)))
+            return len(gone) or -1  # -1: rows picked but changed meanwhile; try again
+
+        total = 0
+        while True:
+            deleted = await self._submit("purging", None, op)
+            if deleted == 0:
+                break
+            total += max(deleted, 0)
+            if on_progress is not None:
+                on_progress(total)
+            if deleted < 0:
+                await asyncio.sleep(0)
+        logger.info("purged %d checkpoints", total, extra={"action": "purge", "count": total})
+        return total
+
+    async def stats(self) -> CheckpointStats:
+        """Counts by status and agent, sizes, and the oldest interrupted run."""
+        async with self._read("computing stats", None, snapshot=True) as conn:
+            by_status = {
+                str(k): int(v)
+                for k, v in await conn.execute(
+                    select(t.c.status, func.count()).group_by(t.c.status)
+                )
+            }
+            by_agent = {
+                (k or ""): int(v)
+                for k, v in await conn.execute(
+                    select(t.c.agent_id, func.count()).group_by(t.c.agent_id)
+                )
+            }
+            total_size = (
+                await conn.execute(select(func.coalesce(func.sum(t.c.size_bytes), 0)))
+            ).scalar_one()
+            largest = (
+                await conn.execute(
+                    select(t.c.run_id, t.c.size_bytes)
+                    .order_by(t.c.size_bytes.desc(), t.c.run_id)
+                    .limit(1)
+                )
+            ).first()
+            oldest = (
+                await conn.execute(
+                    select(t.c.run_id, t.c.updated_at)
+                    .where(t.c.status == str(CheckpointStatus.ACTIVE))
+                    .order_by(t.c.updated_at, t.c.run_id)
+                    .limit(1)
+                )
+            ).first()
+        return CheckpointStats(
+            total=sum(by_status.values()),
+            by_status=by_status,
+            by_agent=by_agent,
+            total_size_bytes=int(total_size),
+            largest_size_bytes=int(largest.size_bytes) if largest else 0,
+            largest_run_id=largest.run_id if largest else None,
+            oldest_interrupted_run_id=oldest.run_id if oldest else None,
+            oldest_interrupted_at=oldest.updated_at if oldest else None,
+        )
 
     async def count(self, *, status: CheckpointStatus | None = None) -> int:
         """How many checkpoints are stored (with ``status``, only those)."""
