@@ -1,0 +1,106 @@
+"""SQLite group commit: saves of many runs that arrive together share one transaction."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import event
+
+from executus_ckpt import (
+    CheckpointFencedError,
+    CheckpointSerializationError,
+    RunCheckpoint,
+    RunCheckpointMeta,
+    SQLCheckpointStore,
+    StoreUnavailableError,
+    migrate,
+)
+
+
+@pytest.fixture
+async def sqlite_store(tmp_path: Path) -> Any:
+    url = f"sqlite+aiosqlite:///{tmp_path / 'g.db'}"
+    await migrate(url)
+    async with SQLCheckpointStore.open(url) as store:
+        yield store
+
+
+def cp(run_id: str, n: int, epoch: int = 0) -> RunCheckpoint:
+    return RunCheckpoint(
+        RunCheckpointMeta(run_id), messages=[{"n": k} for k in range(n)], iteration=n, epoch=epoch
+    )
+
+
+def count_commits(store: SQLCheckpointStore) -> list[int]:
+    commits: list[int] = []
+    event.listen(store.engine.sync_engine, "commit", lambda conn: commits.append(1))
+    return commits
+
+
+async def test_concurrent_saves_share_commits(sqlite_store: SQLCheckpointStore) -> None:
+    await sqlite_store.check_schema()
+    commits = count_commits(sqlite_store)
+    await asyncio.gather(*(sqlite_store.save(cp(f"run-{i}", 5)) for i in range(100)))
+    assert len(commits) < 50, f"100 saves took {len(commits)} commits: not grouped"
+    for i in range(100):
+        loaded = await sqlite_store.load(f"run-{i}")
+        assert loaded is not None and loaded.iteration == 5
+
+
+async def test_a_rejected_write_does_not_fail_its_batch(sqlite_store: SQLCheckpointStore) -> None:
+    await sqlite_store.save(cp("fenced", 1))
+    await sqlite_store.register(cp("fenced", 0))  # epoch 1: epoch-0 writers are now stale
+    results = await asyncio.gather(
+        sqlite_store.save(cp("a", 2)),
+        sqlite_store.save(cp("fenced", 3, epoch=0)),
+        sqlite_store.save(cp("b", 4)),
+        return_exceptions=True,
+    )
+    assert results[0] is None and results[2] is None
+    assert isinstance(results[1], CheckpointFencedError)
+    assert (await sqlite_store.load("a")).iteration == 2
+    assert (await sqlite_store.load("b")).iteration == 4
+    assert (await sqlite_store.load("fenced")).iteration == 1
+
+
+async def test_bad_input_is_rejected_before_queueing(sqlite_store: SQLCheckpointStore) -> None:
+    bad = RunCheckpoint(RunCheckpointMeta("bad"), messages=[float("nan")])
+    results = await asyncio.gather(
+        sqlite_store.save(cp("ok", 1)), sqlite_store.save(bad), return_exceptions=True
+    )
+    assert results[0] is None and isinstance(results[1], CheckpointSerializationError)
+    assert await sqlite_store.load("bad") is None
+
+
+async def test_a_failed_batch_reaches_every_caller(sqlite_store: SQLCheckpointStore) -> None:
+    await sqlite_store.check_schema()
+
+    def explode(conn: Any, cursor: Any, statement: str, *rest: Any) -> None:
+        if "run_checkpoint_messages" in statement and statement.startswith("INSERT"):
+            raise OSError("disk full (injected)")
+
+    event.listen(sqlite_store.engine.sync_engine, "before_cursor_execute", explode)
+    results = await asyncio.gather(
+        *(sqlite_store.save(cp(f"r{i}", 2)) for i in range(5)), return_exceptions=True
+    )
+    event.remove(sqlite_store.engine.sync_engine, "before_cursor_execute", explode)
+    assert all(isinstance(r, StoreUnavailableError) for r in results), results
+    assert await sqlite_store.count() == 0, "the failed batch was rolled back whole"
+    await sqlite_store.save(cp("after", 1))  # the committer recovers
+    assert (await sqlite_store.load("after")).iteration == 1
+
+
+async def test_cancelled_caller_still_commits(sqlite_store: SQLCheckpointStore) -> None:
+    await sqlite_store.check_schema()
+    task = asyncio.ensure_future(sqlite_store.save(cp("c", 3)))
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await sqlite_store.aclose()  # waits for queued writes
+    async with SQLCheckpointStore.open(str(sqlite_store.engine.url)) as again:
+        loaded = await again.load("c")
+    assert loaded is not None and loaded.iteration == 3
