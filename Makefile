@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-SOURCES := executus_ckpt tests migrations bench
+SOURCES := executus_ckpt tests migrations $(wildcard bench)
 
 .PHONY: install db lint type test bench demo migrate check clean
 
@@ -41,6 +41,7 @@ migrate: install
 	$(BIN)/executus-ckpt migrate
 
 bench: install db
+	$(BIN)/pip install -q -e ".[dev,bench]"
 	EXECUTUS_CKPT_TEST_PG_URL=$${EXECUTUS_CKPT_TEST_PG_URL:-$$(scripts/ensure-postgres.sh)} \
 	$(BIN)/python -m bench
 

@@ -76,7 +76,7 @@ def pg_server() -> Iterator[PgServer]:
     try:
         server = _start_pg()
         asyncio.run(_probe(server))
-    except Exception as exc:  # noqa: BLE001 - any failure here means "no PostgreSQL"
+    except Exception as exc:  # any failure here means "no PostgreSQL"
         reason = (
             f"PostgreSQL NOT TESTED: no server reachable ({type(exc).__name__}: {exc}); set "
             "EXECUTUS_CKPT_TEST_PG_URL or install PostgreSQL (initdb, pg_ctl)"
