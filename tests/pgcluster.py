@@ -77,8 +77,17 @@ class TempCluster:
             "-c max_connections=300"
         )
         self._run(
-            "pg_ctl", "-D", str(self.datadir), "-o", opts, "-l", str(self.base / "log"),
-            "-w", "-t", "60", "start",
+            "pg_ctl",
+            "-D",
+            str(self.datadir),
+            "-o",
+            opts,
+            "-l",
+            str(self.base / "log"),
+            "-w",
+            "-t",
+            "60",
+            "start",
         )
         return self
 

@@ -85,20 +85,28 @@ def downgrade() -> None:
     conn = op.get_bind()
     last = ""
     while True:
-        run_ids = conn.execute(
-            sa.select(_headers.c.run_id)
-            .where(_headers.c.run_id > last)
-            .order_by(_headers.c.run_id)
-            .limit(_BATCH)
-        ).scalars().all()
+        run_ids = (
+            conn.execute(
+                sa.select(_headers.c.run_id)
+                .where(_headers.c.run_id > last)
+                .order_by(_headers.c.run_id)
+                .limit(_BATCH)
+            )
+            .scalars()
+            .all()
+        )
         if not run_ids:
             break
         for run_id in run_ids:
-            parts = conn.execute(
-                sa.select(_messages.c.data)
-                .where(_messages.c.run_id == run_id)
-                .order_by(_messages.c.seq)
-            ).scalars().all()
+            parts = (
+                conn.execute(
+                    sa.select(_messages.c.data)
+                    .where(_messages.c.run_id == run_id)
+                    .order_by(_messages.c.seq)
+                )
+                .scalars()
+                .all()
+            )
             blob = b"[" + b",".join(parts) + b"]"
             conn.execute(
                 _headers.update()
