@@ -24,43 +24,73 @@ _META_FIELDS = (
 )
 
 
+MAX_ITERATION = 2**31 - 1
+"""Largest iteration number (the column is a 32-bit integer)."""
+
+
+def storable_text(value: object, max_length: int | None = MAX_ID_LENGTH) -> str | None:
+    """Why ``value`` cannot be stored as SQL text, or None if it can.
+
+    The same rules on every backend: a ``str``, at most ``max_length`` characters, no NUL
+    (PostgreSQL text cannot hold it) and valid Unicode (no lone surrogates).
+    """
+    if not isinstance(value, str):
+        return f"must be a str, got {type(value).__name__}"
+    if max_length is not None and len(value) > max_length:
+        return f"must be at most {max_length} characters, got {len(value)}"
+    if "\x00" in value:
+        return "contains a NUL character, which SQL text cannot hold"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return "is not valid Unicode (it contains a lone surrogate)"
+    return None
+
+
+def is_storable_id(run_id: object) -> bool:
+    """False for an id no store could hold: a lookup by it finds nothing."""
+    return isinstance(run_id, str) and bool(run_id) and storable_text(run_id) is None
+
+
+def check_text(name: str, value: object, run_id: str | None, *, optional: bool = True) -> None:
+    """Raise :class:`CheckpointError` unless ``value`` is storable identity text."""
+    if value is None and optional:
+        return
+    problem = storable_text(value)
+    if problem is None and value == "" and name == "run_id":
+        problem = "must not be empty"
+    if problem is not None:
+        where = f" of run {run_id!r}" if run_id and name != "run_id" else ""
+        raise CheckpointError(
+            f"{name}{where} {problem}", run_id=None if name == "run_id" else run_id
+        )
+
+
 def check_header(checkpoint: RunCheckpoint) -> bytes:
     """Validate a checkpoint's identity and progress; returns the encoded completed phases.
 
-    Raises before anything is written.
+    Raises :class:`CheckpointError` before anything is written, identically on every backend.
     """
     run_id = checkpoint.meta.run_id
-    if not isinstance(run_id, str) or not run_id or len(run_id) > MAX_ID_LENGTH:
-        raise CheckpointError(
-            f"run_id must be a non-empty str of at most {MAX_ID_LENGTH} characters, "
-            f"got {run_id!r:.80}",
-            run_id=None,
-        )
+    check_text("run_id", run_id, None, optional=False)
     for name in _META_FIELDS:
-        value = getattr(checkpoint.meta, name)
-        if value is not None and (not isinstance(value, str) or len(value) > MAX_ID_LENGTH):
-            raise CheckpointError(
-                f"meta.{name} of run {run_id!r} must be a str of at most {MAX_ID_LENGTH} "
-                f"characters, got {type(value).__name__} of length {len(str(value))}",
-                run_id=run_id,
-            )
-    if checkpoint.meta.prompt is not None and not isinstance(checkpoint.meta.prompt, str):
-        raise CheckpointError(f"meta.prompt of run {run_id!r} must be a str", run_id=run_id)
-    for name, value in (
-        ("run_id", run_id),
-        *((f"meta.{n}", getattr(checkpoint.meta, n)) for n in (*_META_FIELDS, "prompt")),
-        ("app_version", checkpoint.app_version),
-        ("owner", checkpoint.owner),
+        check_text(f"meta.{name}", getattr(checkpoint.meta, name), run_id)
+    prompt = checkpoint.meta.prompt
+    if prompt is not None:
+        problem = storable_text(prompt, max_length=None)
+        if problem is not None:
+            raise CheckpointError(f"meta.prompt of run {run_id!r} {problem}", run_id=run_id)
+    check_text("app_version", checkpoint.app_version, run_id)
+    check_text("owner", checkpoint.owner, run_id)
+    iteration = checkpoint.iteration
+    if (
+        not isinstance(iteration, int)
+        or isinstance(iteration, bool)
+        or not 0 <= iteration <= MAX_ITERATION
     ):
-        # PostgreSQL text cannot hold NUL; refuse it everywhere so every backend agrees.
-        if isinstance(value, str) and "\x00" in value:
-            raise CheckpointError(
-                f"{name} of run {run_id!r} contains a NUL character, which SQL text cannot hold",
-                run_id=run_id,
-            )
-    if not isinstance(checkpoint.iteration, int) or isinstance(checkpoint.iteration, bool):
         raise CheckpointError(
-            f"iteration of run {run_id!r} must be an int, got {checkpoint.iteration!r}",
+            f"iteration of run {run_id!r} must be an int from 0 to {MAX_ITERATION}, "
+            f"got {iteration!r:.40}",
             run_id=run_id,
         )
     phases = checkpoint.completed_phases
@@ -78,8 +108,14 @@ def check_header(checkpoint: RunCheckpoint) -> bytes:
 
 
 def clean_text(text: str) -> str:
-    """Diagnostic text (errors) made storable everywhere: NUL becomes the two chars ``\\0``."""
-    return text.replace("\x00", "\\0")
+    """Diagnostic text (errors) made storable everywhere: NUL becomes the two characters
+    ``\\0`` and a lone surrogate its ``\\udXXX`` escape."""
+    text = text.replace("\x00", "\\0")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
 
 
 def encode_messages(messages: Sequence[object], run_id: str) -> list[bytes]:

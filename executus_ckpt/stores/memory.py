@@ -23,6 +23,7 @@ from ._common import (
     as_utc,
     check_header,
     check_size,
+    check_text,
     clean_text,
     cutoff,
     encode_messages,
@@ -222,6 +223,7 @@ class InMemoryCheckpointStore:
     async def claim(
         self, run_id: str, *, epoch: int, owner: str | None = None
     ) -> RunCheckpoint | None:
+        check_text("owner", owner, run_id)
         row = self._rows.get(run_id)
         if row is None or row.status != CheckpointStatus.ACTIVE or row.epoch != epoch:
             return None

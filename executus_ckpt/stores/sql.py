@@ -40,9 +40,11 @@ from ._common import (
     as_utc,
     check_header,
     check_size,
+    check_text,
     clean_text,
     cutoff,
     encode_messages,
+    is_storable_id,
     join_messages,
     valid_base,
 )
@@ -143,6 +145,30 @@ def _checkpoint_of(row: Any, messages: Sequence[bytes]) -> RunCheckpoint:
         owner=row.owner,
         epoch=row.epoch,
     )
+
+
+_DRIVER_ERRORS = (sa_exc.DBAPIError, OSError, TimeoutError, UnicodeError, OverflowError)
+
+
+def _driver_error(exc: BaseException) -> BaseException:
+    """The driver's own exception under SQLAlchemy's (and its adapter's) wrappers."""
+    inner = exc.orig if isinstance(exc, sa_exc.DBAPIError) and exc.orig is not None else exc
+    return (
+        inner.__cause__ if getattr(inner, "sqlstate", None) is None and inner.__cause__ else inner
+    )
+
+
+def _is_bad_data(exc: BaseException) -> bool:
+    if isinstance(exc, UnicodeError | OverflowError | sa_exc.DataError | sa_exc.IntegrityError):
+        return True
+    sqlstate = getattr(_driver_error(exc), "sqlstate", None)
+    # SQLSTATE class 22: data exception; 23: integrity constraint violation.
+    return isinstance(sqlstate, str) and sqlstate[:2] in ("22", "23")
+
+
+def _describe(exc: BaseException) -> str:
+    inner = _driver_error(exc)
+    return f"{type(inner).__name__}: {inner}"
 
 
 class SQLCheckpointStore:
@@ -297,22 +323,22 @@ class SQLCheckpointStore:
                 await check_schema_revision(self._engine)
             except CheckpointError:
                 raise
-            except (sa_exc.DBAPIError, OSError, TimeoutError) as exc:
+            except _DRIVER_ERRORS as exc:
                 raise self._unavailable("checking the schema", None, exc) from exc
             self._schema_checked = True
 
     def _unavailable(self, action: str, run_id: str | None, exc: BaseException) -> CheckpointError:
+        """Map a driver failure: bad data → :class:`CheckpointError`, else unavailable."""
         url = self._engine.url.render_as_string(hide_password=True)
         what = f" run {run_id!r}" if run_id else ""
-        if isinstance(exc, sa_exc.DataError | sa_exc.IntegrityError):
+        if _is_bad_data(exc):
+            # Inputs are validated before they reach the database; this is the backstop.
             return CheckpointError(
-                f"{action}{what} rejected by the database at {url}: {type(exc.orig).__name__}",
+                f"{action}{what} rejected by the database at {url}: {_describe(exc)}",
                 run_id=run_id,
             )
-        detail = exc.orig if isinstance(exc, sa_exc.DBAPIError) and exc.orig is not None else exc
         return StoreUnavailableError(
-            f"{action}{what} failed: database at {url} unavailable "
-            f"({type(detail).__name__}: {detail})",
+            f"{action}{what} failed: database at {url} unavailable ({_describe(exc)})",
             run_id=run_id,
         )
 
@@ -326,7 +352,7 @@ class SQLCheckpointStore:
                 return await op(conn)
         except CheckpointError:
             raise
-        except (sa_exc.DBAPIError, OSError, TimeoutError) as exc:
+        except _DRIVER_ERRORS as exc:
             raise self._unavailable(action, run_id, exc) from exc
 
     @asynccontextmanager
@@ -346,7 +372,7 @@ class SQLCheckpointStore:
                     yield conn
         except CheckpointError:
             raise
-        except (sa_exc.DBAPIError, OSError, TimeoutError) as exc:
+        except _DRIVER_ERRORS as exc:
             raise self._unavailable(action, run_id, exc) from exc
 
     # -- CheckpointStore -----------------------------------------------------------------
@@ -520,8 +546,11 @@ class SQLCheckpointStore:
 
     async def load(self, run_id: str) -> RunCheckpoint | None:
         """The stored checkpoint of ``run_id``, or ``None``."""
-        # One read transaction, so header and messages are one consistent snapshot.
-        async with self._read("loading", run_id) as conn, conn.begin():
+        if not is_storable_id(run_id):
+            return None
+        # One read transaction (REPEATABLE READ on PostgreSQL), so that header and messages
+        # come from one consistent snapshot.
+        async with self._read("loading", run_id, snapshot=True) as conn:
             row = (
                 await conn.execute(select(*_SUMMARY_COLUMNS).where(t.c.run_id == run_id))
             ).first()
@@ -532,6 +561,8 @@ class SQLCheckpointStore:
 
     async def delete(self, run_id: str, *, epoch: int | None = None) -> bool:
         """Delete the run's checkpoint; True if one was deleted (see the protocol)."""
+        if not is_storable_id(run_id):
+            return False
         stmt = t.delete().where(t.c.run_id == run_id)
         if epoch is not None:
             stmt = stmt.where(t.c.epoch <= epoch)
@@ -621,6 +652,9 @@ class SQLCheckpointStore:
         self, run_id: str, *, epoch: int, owner: str | None = None
     ) -> RunCheckpoint | None:
         """Atomically claim an active run at ``epoch`` for recovery (see the protocol)."""
+        check_text("owner", owner, run_id)
+        if not is_storable_id(run_id):
+            return None
         stmt = (
             t.update()
             .where(
@@ -643,6 +677,8 @@ class SQLCheckpointStore:
 
     async def mark_dead(self, run_id: str, *, reason: str, epoch: int | None = None) -> bool:
         """Mark the run dead with ``reason`` as its last error (see the protocol)."""
+        if not is_storable_id(run_id):
+            return False
         stmt = (
             t.update()
             .where(t.c.run_id == run_id)
@@ -658,6 +694,8 @@ class SQLCheckpointStore:
 
     async def record_error(self, run_id: str, error: str) -> bool:
         """Store ``error`` as the run's last error; True if the run exists."""
+        if not is_storable_id(run_id):
+            return False
         stmt = t.update().where(t.c.run_id == run_id).values(last_error=clean_text(error))
 
         async def op(conn: AsyncConnection) -> bool:
@@ -667,6 +705,8 @@ class SQLCheckpointStore:
 
     async def requeue(self, run_id: str) -> bool:
         """Make a dead run recoverable again (status active, attempts 0); True if it was dead."""
+        if not is_storable_id(run_id):
+            return False
         stmt = (
             t.update()
             .where(t.c.run_id == run_id, t.c.status == str(CheckpointStatus.DEAD))
