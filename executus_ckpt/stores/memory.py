@@ -48,6 +48,23 @@ class _Row:
     messages: list[bytes] = field(default_factory=list)
     size_bytes: int = 0
 
+    @classmethod
+    def initial(cls, checkpoint: RunCheckpoint, phases: bytes) -> _Row:
+        """A new row from a checkpoint's header (messages are set by the caller)."""
+        return cls(
+            meta=checkpoint.meta,
+            iteration=checkpoint.iteration,
+            completed_phases=phases,
+            created_at=as_utc(checkpoint.created_at),
+            updated_at=as_utc(checkpoint.updated_at),
+            attempts=checkpoint.attempts,
+            status=CheckpointStatus(checkpoint.status),
+            last_error=checkpoint.last_error,
+            app_version=checkpoint.app_version,
+            owner=checkpoint.owner,
+            epoch=checkpoint.epoch,
+        )
+
     def summary(self) -> CheckpointSummary:
         return CheckpointSummary(
             meta=self.meta,
@@ -117,19 +134,7 @@ class InMemoryCheckpointStore:
             size = sum(map(len, encoded))
             check_size(run_id, size, self._max_bytes)
         if row is None:
-            row = self._rows[run_id] = _Row(
-                meta=checkpoint.meta,
-                iteration=checkpoint.iteration,
-                completed_phases=phases,
-                created_at=as_utc(checkpoint.created_at),
-                updated_at=as_utc(checkpoint.updated_at),
-                attempts=checkpoint.attempts,
-                status=CheckpointStatus(checkpoint.status),
-                last_error=checkpoint.last_error,
-                app_version=checkpoint.app_version,
-                owner=checkpoint.owner,
-                epoch=checkpoint.epoch,
-            )
+            row = self._rows[run_id] = _Row.initial(checkpoint, phases)
         row.meta = checkpoint.meta
         row.iteration = checkpoint.iteration
         row.completed_phases = phases
@@ -144,19 +149,7 @@ class InMemoryCheckpointStore:
         phases = check_header(checkpoint)
         row = self._rows.get(checkpoint.meta.run_id)
         if row is None:
-            self._rows[checkpoint.meta.run_id] = _Row(
-                meta=checkpoint.meta,
-                iteration=checkpoint.iteration,
-                completed_phases=phases,
-                created_at=as_utc(checkpoint.created_at),
-                updated_at=as_utc(checkpoint.updated_at),
-                attempts=checkpoint.attempts,
-                status=CheckpointStatus(checkpoint.status),
-                last_error=checkpoint.last_error,
-                app_version=checkpoint.app_version,
-                owner=checkpoint.owner,
-                epoch=checkpoint.epoch,
-            )
+            self._rows[checkpoint.meta.run_id] = _Row.initial(checkpoint, phases)
             return checkpoint.epoch
         row.meta = checkpoint.meta
         row.app_version = checkpoint.app_version
