@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
@@ -11,7 +12,6 @@ from typing import Any, Literal, TypeVar, cast
 
 from sqlalchemy import and_, func, select, tuple_
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from .. import codec
@@ -49,6 +49,8 @@ from ._common import (
     valid_base,
 )
 from ._dialect import insert_for, install_sqlite_hooks, write_options
+from ._fastpath import META as _FAST_META
+from ._fastpath import Append, append_postgres, append_sqlite
 from ._group import GroupCommitter, Operation
 
 logger = logging.getLogger(__name__)
@@ -147,7 +149,26 @@ def _checkpoint_of(row: Any, messages: Sequence[bytes]) -> RunCheckpoint:
     )
 
 
-_DRIVER_ERRORS = (sa_exc.DBAPIError, OSError, TimeoutError, UnicodeError, OverflowError)
+def _raw_driver_errors() -> tuple[type[BaseException], ...]:
+    """Errors of the drivers themselves, raised on the raw fast path (asyncpg is optional)."""
+    errors: list[type[BaseException]] = [sqlite3.Error]
+    try:
+        import asyncpg  # type: ignore[import-untyped]
+    except ImportError:  # pragma: no cover - the postgres extra is not installed
+        pass
+    else:
+        errors += [asyncpg.PostgresError, asyncpg.InterfaceError]
+    return tuple(errors)
+
+
+_DRIVER_ERRORS: tuple[type[BaseException], ...] = (
+    sa_exc.DBAPIError,
+    OSError,
+    TimeoutError,
+    UnicodeError,
+    OverflowError,
+    *_raw_driver_errors(),
+)
 
 
 def _driver_error(exc: BaseException) -> BaseException:
@@ -159,7 +180,15 @@ def _driver_error(exc: BaseException) -> BaseException:
 
 
 def _is_bad_data(exc: BaseException) -> bool:
-    if isinstance(exc, UnicodeError | OverflowError | sa_exc.DataError | sa_exc.IntegrityError):
+    if isinstance(
+        exc,
+        UnicodeError
+        | OverflowError
+        | sa_exc.DataError
+        | sa_exc.IntegrityError
+        | sqlite3.DataError
+        | sqlite3.IntegrityError,
+    ):
         return True
     sqlstate = getattr(_driver_error(exc), "sqlstate", None)
     # SQLSTATE class 22: data exception; 23: integrity constraint violation.
@@ -244,7 +273,8 @@ class SQLCheckpointStore:
         ``create_async_engine``.
         """
         engine_options: dict[str, Any] = dict(options.pop("engine_options", None) or {})
-        engine_options.setdefault("pool_pre_ping", make_url(url).get_backend_name() != "sqlite")
+        # No pool_pre_ping: on asyncpg it costs three round trips per checkout. A connection
+        # that died is invalidated by the error it raises, and the pool reconnects.
         engine = create_async_engine(url, **engine_options)
         return cls(engine, _owns_engine=True, **options)
 
@@ -404,28 +434,34 @@ class SQLCheckpointStore:
             "updated_at": as_utc(checkpoint.updated_at),
         }
 
+        append = None
+        if base is not None:
+            append = Append(
+                run_id=run_id,
+                base=base,
+                rows=tail,
+                size=tail_size,
+                max_bytes=self._max_bytes,
+                iteration=checkpoint.iteration,
+                completed_phases=phases,
+                updated_at=as_utc(checkpoint.updated_at),
+                epoch=checkpoint.epoch,
+                app_version=checkpoint.app_version,
+                owner=checkpoint.owner,
+                meta=[header[c] for c in _FAST_META],
+            )
+            if self._dialect == "postgresql" and await self._append_postgres(append):
+                self._log_save(run_id, checkpoint.iteration, len(tail), tail_size, True)
+                return
+
         async def op(conn: AsyncConnection) -> None:
             rows, size = tail, tail_size
             if base is not None:
-                appended = await conn.execute(
-                    t.update()
-                    .where(
-                        t.c.run_id == run_id,
-                        t.c.epoch <= checkpoint.epoch,
-                        t.c.message_count == base,
-                        t.c.size_bytes + size <= self._max_bytes,
-                    )
-                    .values(
-                        **header,
-                        message_count=base + len(rows),
-                        size_bytes=t.c.size_bytes + size,
-                    )
-                    .returning(t.c.run_id)
-                )
-                if appended.first() is not None:
-                    await self._insert_messages(conn, run_id, start, rows)
-                    self._log_save(run_id, checkpoint.iteration, len(rows), size, True)
-                    return
+                if append is not None and self._dialect == "sqlite":
+                    raw = await conn.get_raw_connection()
+                    if await append_sqlite(raw.driver_connection, append):
+                        self._log_save(run_id, checkpoint.iteration, len(rows), size, True)
+                        return
                 # Not what we thought was stored (or fenced, or too large): write it all.
                 # Raising here is still before this operation wrote anything.
                 head = encode_messages(messages[:start], run_id)
@@ -460,6 +496,23 @@ class SQLCheckpointStore:
             self._log_save(run_id, checkpoint.iteration, len(rows), size, False)
 
         await self._submit("saving", run_id, op)
+
+    async def _append_postgres(self, append: Append) -> bool:
+        """The one-statement append on PostgreSQL (see ``_fastpath``); False: not applied."""
+        await self.check_schema()
+        try:
+            async with self._engine.connect() as conn:
+                raw = await conn.get_raw_connection()
+                try:
+                    return await append_postgres(raw.driver_connection, append)
+                except BaseException as exc:
+                    if not _is_bad_data(exc):
+                        # The pool cannot see errors raised past SQLAlchemy: drop the
+                        # connection rather than hand it out again in an unknown state.
+                        await conn.invalidate()
+                    raise
+        except _DRIVER_ERRORS as exc:
+            raise self._unavailable("saving", append.run_id, exc) from exc
 
     @staticmethod
     async def _insert_messages(
@@ -662,7 +715,11 @@ class SQLCheckpointStore:
                 t.c.status == str(CheckpointStatus.ACTIVE),
                 t.c.epoch == epoch,
             )
-            .values(attempts=t.c.attempts + 1, epoch=t.c.epoch + 1, owner=owner)
+            # updated_at moves too: a recovery pass that started before this claim will not
+            # list the run again (its scan is bounded by updated_before).
+            .values(
+                attempts=t.c.attempts + 1, epoch=t.c.epoch + 1, owner=owner, updated_at=utcnow()
+            )
             .returning(*_SUMMARY_COLUMNS)
         )
 

@@ -6,6 +6,7 @@ full rewrites (or an extra read per save) fails here on both SQL backends.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -13,6 +14,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import event
+from sqlalchemy.util import await_only
 
 from executus_ckpt import (
     CheckpointFencedError,
@@ -32,26 +34,60 @@ class Statements:
         return [(s, p) for s, p in self.seen if "run_checkpoint" in s]
 
     def kinds(self) -> list[str]:
-        return [s.split()[0].upper() for s, _ in self.on_table()]
+        """Statement kinds; a data-modifying CTE counts as each statement inside it."""
+        out: list[str] = []
+        for s, _ in self.on_table():
+            if s.lstrip().upper().startswith("WITH"):
+                up = s.upper()
+                out += [k for k in ("UPDATE", "INSERT", "DELETE") if f"AS ({k}" in up]
+            else:
+                out.append(s.split()[0].upper())
+        # sqlite3 traces an executemany once per row: count a run of inserts as one batch.
+        return [k for i, k in enumerate(out) if i == 0 or k != out[i - 1] or k != "INSERT"]
 
 
 @contextmanager
 def counting(store: SQLCheckpointStore) -> Iterator[Statements]:
+    """Record every statement the *driver* runs (the save fast path bypasses SQLAlchemy).
+
+    SQLite: sqlite3's trace callback (it sees SQLAlchemy's statements too); PostgreSQL:
+    asyncpg's query logger for the raw path plus SQLAlchemy's cursor events for the rest
+    (asyncpg does not log the prepared statements SQLAlchemy runs). Installed on each pooled
+    connection as it is checked out, removed on exit.
+    """
     stats = Statements()
+    installed: list[Any] = []
 
     def before(conn: Any, cursor: Any, statement: str, params: Any, ctx: Any, many: bool) -> None:
         stats.seen.append((statement, params))
 
+    def on_checkout(dbapi_connection: Any, record: Any, proxy: Any) -> None:
+        driver = dbapi_connection.driver_connection
+        if store.dialect == "sqlite":
+            await_only(driver.set_trace_callback(lambda sql: stats.seen.append((sql, sql))))
+        else:
+            logger = lambda q: stats.seen.append((q.query, q.args))  # noqa: E731
+            driver.add_query_logger(logger)
+            installed.append((driver, logger))
+
     engine = store.engine.sync_engine
-    event.listen(engine, "before_cursor_execute", before)
+    event.listen(engine, "checkout", on_checkout)
+    if store.dialect == "postgresql":
+        event.listen(engine, "before_cursor_execute", before)
     try:
         yield stats
     finally:
-        event.remove(engine, "before_cursor_execute", before)
+        event.remove(engine, "checkout", on_checkout)
+        if store.dialect == "postgresql":
+            event.remove(engine, "before_cursor_execute", before)
+        for driver, logger in installed:
+            driver.remove_query_logger(logger)
 
 
 def _text(params: Any) -> str:
-    """Parameters as text, with binary values (memoryview on SQLite) decoded."""
+    """Parameters as text, with binary values decoded (and x'..' literals of a SQLite trace)."""
+    if isinstance(params, str):
+        return re.sub(r"x'([0-9a-fA-F]*)'", lambda g: bytes.fromhex(g.group(1)).decode(), params)
     if isinstance(params, bytes | bytearray | memoryview):
         return bytes(params).decode()
     if isinstance(params, dict):
@@ -84,8 +120,7 @@ async def test_append_writes_only_new_messages_and_header(sql_store: SQLCheckpoi
         with counting(sql_store) as stats:
             await cp.save(RunCheckpointState(messages=transcript, iteration=i + 1))
         assert stats.kinds() == ["UPDATE", "INSERT"], stats.on_table()
-        insert_params = stats.on_table()[1][1]
-        flat = _text(insert_params)
+        flat = " ".join(_text(p) for sql, p in stats.on_table() if "INSERT" in sql.upper())
         # Only the 3 new messages travel: earlier tool results are not in the parameters.
         assert f"c{i}" in flat and f"c{i - 1}" not in flat
         assert len(flat) < 3 * 2000 + 2000, "parameters are O(new messages), not O(transcript)"
