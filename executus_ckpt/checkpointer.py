@@ -304,13 +304,15 @@ class StoreCheckpointer:
         timer, self._timer = self._timer, None
         if timer is None or timer.done():
             return
+        current = asyncio.current_task()
+        # A run being cancelled finalizes while its own cancellation is pending: note the
+        # count, so that only a *new* cancellation of ours is re-raised, not the timer's.
+        before = current.cancelling() if current is not None else 0
         timer.cancel()
         try:
             await timer
         except asyncio.CancelledError:
-            # Re-raise only if *we* are being cancelled, not because the timer was.
-            current = asyncio.current_task()
-            if current is not None and current.cancelling():
+            if current is not None and current.cancelling() > before:
                 raise
 
     async def _finalize(self, outcome: str, error: BaseException | None) -> None:

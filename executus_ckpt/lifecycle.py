@@ -120,12 +120,17 @@ async def _finalize(
         elif outcome is Outcome.FAILED:
             await checkpointer.fail(exc)
         else:
+            # One deadline over the flush and the wait for in-flight writes: a database that
+            # stopped answering must not hold a shutdown (the write is then abandoned). A
+            # timeout cancels once, so each step gets its own scope on the same deadline.
+            deadline = asyncio.get_running_loop().time() + flush_timeout
             try:
-                async with asyncio.timeout(flush_timeout):
+                async with asyncio.timeout_at(deadline):
                     await checkpointer.flush()
             finally:
                 if isinstance(checkpointer, StoreCheckpointer):
-                    await checkpointer.aclose()
+                    async with asyncio.timeout_at(deadline):
+                        await checkpointer.aclose()
             logger.info(
                 "run %s shut down: checkpoint kept for recovery",
                 run_id,

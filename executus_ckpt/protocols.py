@@ -130,8 +130,9 @@ class CheckpointStore(Protocol):
         """Atomically claim an active run for recovery.
 
         Succeeds only if the stored epoch still equals ``epoch`` (nobody claimed or took it over
-        since it was listed): raises the attempt count and the epoch, records ``owner`` and
-        returns the claimed checkpoint. Returns ``None`` if the claim was lost.
+        since it was listed): raises the attempt count and the epoch, records ``owner``, sets
+        ``updated_at`` to now and returns the claimed checkpoint. Returns ``None`` if the claim
+        was lost.
         """
         ...
 

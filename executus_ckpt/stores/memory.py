@@ -210,8 +210,9 @@ class InMemoryCheckpointStore:
         rows = self._select(status, agent_id, older_than, newest_first)
         if updated_before is not None:
             rows = [r for r in rows if r.updated_at < as_utc(updated_before)]
-        for row in rows[:limit]:
-            yield row.summary()
+        # Snapshot first, as a database page would be: later changes are not seen.
+        for summary in [row.summary() for row in rows[:limit]]:
+            yield summary
 
     async def claim(
         self, run_id: str, *, epoch: int, owner: str | None = None
@@ -223,6 +224,7 @@ class InMemoryCheckpointStore:
         row.attempts += 1
         row.epoch += 1
         row.owner = owner
+        row.updated_at = utcnow()
         return row.checkpoint()
 
     async def mark_dead(self, run_id: str, *, reason: str, epoch: int | None = None) -> bool:
