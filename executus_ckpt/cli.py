@@ -202,7 +202,10 @@ def main(ctx: click.Context, url: str, as_json: bool, verbose: int) -> None:
 
 
 def _json_flag(f: Callable[..., Any]) -> Callable[..., Any]:
-    """Accept ``--json`` after the subcommand too."""
+    """Accept ``--json`` and ``--url`` after the subcommand too."""
+    f = click.option(
+        "--url", "sub_url", help="Database URL (overrides the one before the subcommand)."
+    )(f)
     return click.option("--json", "sub_json", is_flag=True, help="Machine-readable output.")(f)
 
 
@@ -210,6 +213,9 @@ def _settings(ctx: click.Context, sub_json: bool) -> Settings:
     s: Settings = ctx.obj
     if sub_json:
         s.json = True
+    sub_url = ctx.params.get("sub_url")
+    if sub_url:
+        s.url = sub_url
     return s
 
 
@@ -217,7 +223,7 @@ def _settings(ctx: click.Context, sub_json: bool) -> Settings:
 @click.option("--revision", default="head", show_default=True, help="Target revision.")
 @_json_flag
 @click.pass_context
-def migrate(ctx: click.Context, revision: str, sub_json: bool) -> None:
+def migrate(ctx: click.Context, revision: str, sub_json: bool, sub_url: str | None = None) -> None:
     """Bring the schema to REVISION (default: the newest)."""
     from .migrate import current_revision
     from .migrate import migrate as run_migrations
@@ -246,7 +252,7 @@ def migrate(ctx: click.Context, revision: str, sub_json: bool) -> None:
 @main.command()
 @_json_flag
 @click.pass_context
-def current(ctx: click.Context, sub_json: bool) -> None:
+def current(ctx: click.Context, sub_json: bool, sub_url: str | None = None) -> None:
     """Show the schema revision found and the one this version needs."""
     from .migrate import current_revision
     from .schema import REQUIRED_REVISION
@@ -294,6 +300,7 @@ def list_(
     limit: int | None,
     newest_first: bool,
     sub_json: bool,
+    sub_url: str | None = None,
 ) -> None:
     """List checkpoints (streams: memory stays flat on any number of rows).
 
@@ -400,7 +407,9 @@ class _ListTable:
 )
 @_json_flag
 @click.pass_context
-def show(ctx: click.Context, run_id: str, last: int, sub_json: bool) -> None:
+def show(
+    ctx: click.Context, run_id: str, last: int, sub_json: bool, sub_url: str | None = None
+) -> None:
     """Show one run: meta, bookkeeping, last error and its last messages."""
     s = _settings(ctx, sub_json)
 
@@ -448,7 +457,9 @@ def _each_run(action: str, store_call: str, verb: str) -> Callable[..., None]:
     @click.argument("run_ids", nargs=-1, required=True)
     @_json_flag
     @click.pass_context
-    def command(ctx: click.Context, run_ids: tuple[str, ...], sub_json: bool) -> None:
+    def command(
+        ctx: click.Context, run_ids: tuple[str, ...], sub_json: bool, sub_url: str | None = None
+    ) -> None:
         s = _settings(ctx, sub_json)
 
         async def go() -> dict[str, bool]:
@@ -462,7 +473,10 @@ def _each_run(action: str, store_call: str, verb: str) -> Callable[..., None]:
             _emit_json({verb: [r for r, ok in done.items() if ok], "not_found": missing})
         else:
             for run_id, ok in done.items():
-                click.echo(f"{verb} {run_id}" if ok else f"not {verb} {run_id}: {action}")
+                if ok:
+                    click.echo(f"{verb} {run_id}")
+                else:
+                    click.echo(f"error: not {verb} {run_id}: {action}", err=True)
         if missing:
             sys.exit(1)
 
@@ -493,6 +507,7 @@ def purge(
     yes: bool,
     batch_size: int,
     sub_json: bool,
+    sub_url: str | None = None,
 ) -> None:
     """Delete checkpoints not updated for --older-than, in bounded batches."""
     s = _settings(ctx, sub_json)
@@ -544,7 +559,7 @@ def purge(
 @main.command()
 @_json_flag
 @click.pass_context
-def stats(ctx: click.Context, sub_json: bool) -> None:
+def stats(ctx: click.Context, sub_json: bool, sub_url: str | None = None) -> None:
     """Counts by status and agent, stored sizes, the oldest interrupted run."""
     s = _settings(ctx, sub_json)
 

@@ -15,8 +15,9 @@ from sqlalchemy import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from .config import VERSION_TABLE
-from .errors import SchemaOutOfDateError
+from .errors import CheckpointError, SchemaOutOfDateError
 from .schema import REQUIRED_REVISION
+from .stores.sql import DRIVER_ERRORS, map_driver_error
 
 logger = logging.getLogger(__name__)
 
@@ -87,9 +88,14 @@ async def run_with_connection(
     else:
         store = SQLCheckpointStore(url_or_engine)
     try:
+        store.preflight()
         async with store.write_engine.connect() as conn:
             await conn.run_sync(fn, *args)
             await conn.commit()
+    except CheckpointError:
+        raise
+    except DRIVER_ERRORS as exc:
+        raise map_driver_error(store.engine, "migrating", None, exc) from exc
     finally:
         await store.aclose()
 
@@ -115,9 +121,16 @@ def _run(connection: Connection, cfg: Config, revision: str) -> None:
 
 
 async def current_revision(engine: AsyncEngine) -> str | None:
-    """The schema revision stored in the database, or ``None`` if never migrated."""
-    async with engine.connect() as conn:
-        return await conn.run_sync(_current)
+    """The schema revision stored in the database, or ``None`` if never migrated.
+
+    Raises:
+        StoreUnavailableError: the database could not be reached.
+    """
+    try:
+        async with engine.connect() as conn:
+            return await conn.run_sync(_current)
+    except DRIVER_ERRORS as exc:
+        raise map_driver_error(engine, "reading the schema revision", None, exc) from exc
 
 
 def _current(connection: Connection) -> str | None:

@@ -262,13 +262,14 @@ class InMemoryCheckpointStore:
     ) -> int:
         """Delete checkpoints not updated for ``older_than`` seconds; returns how many."""
         doomed = [r.meta.run_id for r in self._select(status, None, older_than, False)]
-        if not dry_run:
-            for done, run_id in enumerate(doomed, 1):
+        if dry_run:
+            return len(doomed)
+        # Batches as the SQL store runs them: progress after each batch that deleted rows.
+        for start in range(0, len(doomed), batch_size):
+            for run_id in doomed[start : start + batch_size]:
                 del self._rows[run_id]
-                if on_progress is not None and done % batch_size == 0:
-                    on_progress(done)
-        if on_progress is not None:
-            on_progress(len(doomed))
+            if on_progress is not None:
+                on_progress(min(start + batch_size, len(doomed)))
         return len(doomed)
 
     async def stats(self) -> CheckpointStats:
@@ -279,7 +280,8 @@ class InMemoryCheckpointStore:
         for r in rows:
             by_status[str(r.status)] = by_status.get(str(r.status), 0) + 1
             by_agent[r.meta.agent_id or ""] = by_agent.get(r.meta.agent_id or "", 0) + 1
-        largest = max(rows, key=lambda r: (r.size_bytes, r.meta.run_id), default=None)
+        # The same tie-break as SQL: largest size, then the smallest run id.
+        largest = min(rows, key=lambda r: (-r.size_bytes, r.meta.run_id), default=None)
         active = self._select(CheckpointStatus.ACTIVE, None, None, False)
         return CheckpointStats(
             total=len(rows),

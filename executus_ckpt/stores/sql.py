@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -161,7 +162,7 @@ def _raw_driver_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
-_DRIVER_ERRORS: tuple[type[BaseException], ...] = (
+DRIVER_ERRORS: tuple[type[BaseException], ...] = (
     sa_exc.DBAPIError,
     OSError,
     TimeoutError,
@@ -198,6 +199,25 @@ def _is_bad_data(exc: BaseException) -> bool:
 def _describe(exc: BaseException) -> str:
     inner = _driver_error(exc)
     return f"{type(inner).__name__}: {inner}"
+
+
+def map_driver_error(
+    engine: AsyncEngine, action: str, run_id: str | None, exc: BaseException
+) -> CheckpointError:
+    """A driver failure as a typed error: bad data → :class:`CheckpointError` (inputs are
+    validated before they reach the database; this is the backstop), else
+    :class:`StoreUnavailableError`. The URL is printed without its password."""
+    url = engine.url.render_as_string(hide_password=True)
+    what = f" run {run_id!r}" if run_id else ""
+    if _is_bad_data(exc):
+        return CheckpointError(
+            f"{action}{what} rejected by the database at {url}: {_describe(exc)}",
+            run_id=run_id,
+        )
+    return StoreUnavailableError(
+        f"{action}{what} failed: database at {url} unavailable ({_describe(exc)})",
+        run_id=run_id,
+    )
 
 
 class SQLCheckpointStore:
@@ -349,28 +369,35 @@ class SQLCheckpointStore:
                 return
             from ..migrate import check_schema_revision
 
+            self.preflight()
             try:
                 await check_schema_revision(self._engine)
             except CheckpointError:
                 raise
-            except _DRIVER_ERRORS as exc:
+            except DRIVER_ERRORS as exc:
                 raise self._unavailable("checking the schema", None, exc) from exc
             self._schema_checked = True
 
-    def _unavailable(self, action: str, run_id: str | None, exc: BaseException) -> CheckpointError:
-        """Map a driver failure: bad data → :class:`CheckpointError`, else unavailable."""
-        url = self._engine.url.render_as_string(hide_password=True)
-        what = f" run {run_id!r}" if run_id else ""
-        if _is_bad_data(exc):
-            # Inputs are validated before they reach the database; this is the backstop.
-            return CheckpointError(
-                f"{action}{what} rejected by the database at {url}: {_describe(exc)}",
-                run_id=run_id,
+    def preflight(self) -> None:
+        """Refuse a SQLite file whose directory does not exist, before connecting.
+
+        aiosqlite's worker thread outlives a failed connect and can crash on a closed loop
+        (omnilib/aiosqlite#241); a missing directory is the common cause, so catch it here.
+        """
+        database = self._engine.url.database
+        if self._dialect != "sqlite" or not database or database == ":memory:":
+            return
+        if database.startswith("file:"):  # URI filenames: leave them to SQLite
+            return
+        parent = os.path.dirname(os.path.abspath(database))
+        if not os.path.isdir(parent):
+            raise StoreUnavailableError(
+                f"SQLite database {database!r} cannot be opened: directory {parent!r} does not "
+                "exist (create it, or fix the URL)"
             )
-        return StoreUnavailableError(
-            f"{action}{what} failed: database at {url} unavailable ({_describe(exc)})",
-            run_id=run_id,
-        )
+
+    def _unavailable(self, action: str, run_id: str | None, exc: BaseException) -> CheckpointError:
+        return map_driver_error(self._engine, action, run_id, exc)
 
     async def _submit(self, action: str, run_id: str | None, op: Operation[T]) -> T:
         """Run the write ``op(conn)`` in a transaction, with driver errors mapped."""
@@ -382,7 +409,7 @@ class SQLCheckpointStore:
                 return await op(conn)
         except CheckpointError:
             raise
-        except _DRIVER_ERRORS as exc:
+        except DRIVER_ERRORS as exc:
             raise self._unavailable(action, run_id, exc) from exc
 
     @asynccontextmanager
@@ -402,7 +429,7 @@ class SQLCheckpointStore:
                     yield conn
         except CheckpointError:
             raise
-        except _DRIVER_ERRORS as exc:
+        except DRIVER_ERRORS as exc:
             raise self._unavailable(action, run_id, exc) from exc
 
     # -- CheckpointStore -----------------------------------------------------------------
@@ -511,7 +538,7 @@ class SQLCheckpointStore:
                         # connection rather than hand it out again in an unknown state.
                         await conn.invalidate()
                     raise
-        except _DRIVER_ERRORS as exc:
+        except DRIVER_ERRORS as exc:
             raise self._unavailable("saving", append.run_id, exc) from exc
 
     @staticmethod
@@ -840,11 +867,10 @@ class SQLCheckpointStore:
                     select(t.c.status, func.count()).group_by(t.c.status)
                 )
             }
+            agent = func.coalesce(t.c.agent_id, "")
             by_agent = {
-                (k or ""): int(v)
-                for k, v in await conn.execute(
-                    select(t.c.agent_id, func.count()).group_by(t.c.agent_id)
-                )
+                str(k): int(v)
+                for k, v in await conn.execute(select(agent, func.count()).group_by(agent))
             }
             total_size = (
                 await conn.execute(select(func.coalesce(func.sum(t.c.size_bytes), 0)))

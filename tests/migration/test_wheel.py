@@ -233,7 +233,7 @@ def test_installed_wheel_ignores_a_foreign_migrations_dir(venv: Venv, tmp_path: 
 
 
 def test_installed_console_script_migrates(venv: Venv, tmp_path: Path) -> None:
-    """``executus-ckpt migrate --url ...``, the command SchemaOutOfDateError tells users to run."""
+    """``executus-ckpt --url ... migrate``, the command SchemaOutOfDateError tells users to run."""
     db = tmp_path / "cli.db"
     url = f"sqlite+aiosqlite:///{db}"
     script = venv.bin / "executus-ckpt"
