@@ -1,0 +1,44 @@
+"""`make bench` must keep running on a fresh clone: its quick mode, as a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_bench_quick_runs_ours_and_the_floor(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("PYTHONASYNCIODEBUG", None)  # a benchmark, not a debug run
+    backends = "sqlite,postgresql" if os.environ.get("EXECUTUS_CKPT_TEST_PG_URL") else "sqlite"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "--quick",
+            "--engines",
+            "ours,floor",
+            "--backends",
+            backends,
+            "--tmpdir",
+            str(tmp_path),
+            "--no-write",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=230,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert "## Targets" in out and "executus_ckpt" in out and "raw floor" in out
+    assert "database is locked" not in proc.stderr
