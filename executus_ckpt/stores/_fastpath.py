@@ -14,7 +14,10 @@ transcript in full.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+from collections import deque
+from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -106,6 +109,133 @@ async def append_postgres(connection: Any, a: Append) -> bool:
         list(a.rows),
     )
     return bool(updated)
+
+
+_PG_TYPES = {
+    "iteration": "int",
+    "completed_phases": "bytea",
+    "message_count": "int",
+    "updated_at": "timestamptz",
+    "epoch": "bigint",
+    **{c: "text" for c in ("app_version", "owner", *META)},
+}
+
+
+def _pg_batch_sql() -> str:
+    cols = ["run_id", *_SET, "add_size", "base", "max_bytes"]
+    types = ["text", *(_PG_TYPES[c] for c in _SET), "bigint", "int", "bigint"]
+    arrays = ", ".join(f"${i}::{ty}[]" for i, ty in enumerate(types, start=1))
+    n = len(cols)
+    sets = ", ".join(f"{c} = v.{c}" for c in _SET)
+    return (
+        f"WITH v AS (SELECT * FROM unnest({arrays}) AS v({', '.join(cols)})), "
+        f"h AS (UPDATE {t.name} AS t SET {sets}, size_bytes = t.size_bytes + v.add_size "
+        "FROM v WHERE t.run_id = v.run_id AND t.epoch <= v.epoch "
+        "AND t.message_count = v.base AND t.size_bytes + v.add_size <= v.max_bytes "
+        "RETURNING t.run_id), "
+        f"ins AS (INSERT INTO {m.name} (run_id, seq, data) "
+        f"SELECT x.r, x.s, x.d FROM unnest(${n + 1}::text[], ${n + 2}::int[], "
+        f"${n + 3}::bytea[]) AS x(r, s, d) WHERE x.r IN (SELECT run_id FROM h)) "
+        "SELECT run_id FROM h"
+    )
+
+
+_PG_BATCH_APPEND = _pg_batch_sql()
+
+
+async def append_postgres_batch(connection: Any, batch: Sequence[Append]) -> set[str]:
+    """Many runs' appends in one statement (one round trip, one commit); returns the run ids
+    whose guard matched. Run ids in ``batch`` must be distinct."""
+    columns: list[list[Any]] = [[] for _ in range(len(_SET) + 4)]
+    msg_runs: list[str] = []
+    msg_seqs: list[int] = []
+    msg_data: list[bytes] = []
+    for a in batch:
+        for column, value in zip(
+            columns, (a.run_id, *a.header(), a.size, a.base, a.max_bytes), strict=True
+        ):
+            column.append(value)
+        msg_runs.extend([a.run_id] * len(a.rows))
+        msg_seqs.extend(range(a.base, a.base + len(a.rows)))
+        msg_data.extend(a.rows)
+    rows = await connection.fetch(_PG_BATCH_APPEND, *columns, msg_runs, msg_seqs, msg_data)
+    return {r[0] for r in rows}
+
+
+class PostgresAppendBatcher:
+    """Group commit for PostgreSQL appends: those that arrive together share one statement.
+
+    One drainer task, owned here, sends whatever is queued as one statement and resolves each
+    caller with whether its guard matched; appends that arrive meanwhile form the next batch.
+    A lone append is one statement, as before. Two appends of one run never share a batch.
+    """
+
+    def __init__(
+        self,
+        connect: Callable[[], AbstractAsyncContextManager[Any]],
+        *,
+        max_batch: int = 64,
+    ) -> None:
+        self._connect = connect
+        self._max_batch = max_batch
+        self._queue: deque[tuple[Append, asyncio.Future[bool]]] = deque()
+        self._drainer: asyncio.Task[None] | None = None
+
+    async def submit(self, append: Append) -> bool:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[bool] = loop.create_future()
+        self._queue.append((append, future))
+        if self._drainer is None or self._drainer.done():
+            self._drainer = loop.create_task(self._drain(), name="executus_ckpt.pg_append")
+        return await asyncio.shield(future)
+
+    async def aclose(self) -> None:
+        if self._drainer is not None and not self._drainer.done():
+            await asyncio.wait([self._drainer])
+
+    def _take(self) -> list[tuple[Append, asyncio.Future[bool]]]:
+        batch: list[tuple[Append, asyncio.Future[bool]]] = []
+        seen: set[str] = set()
+        deferred: list[tuple[Append, asyncio.Future[bool]]] = []
+        while self._queue and len(batch) < self._max_batch:
+            item = self._queue.popleft()
+            if item[0].run_id in seen:
+                deferred.append(item)
+            else:
+                seen.add(item[0].run_id)
+                batch.append(item)
+        self._queue.extendleft(reversed(deferred))
+        return batch
+
+    async def _drain(self) -> None:
+        while self._queue:
+            batch = self._take()
+            try:
+                async with self._connect() as connection:
+                    if len(batch) == 1:
+                        applied = (
+                            {batch[0][0].run_id}
+                            if await append_postgres(connection, batch[0][0])
+                            else set()
+                        )
+                    else:
+                        applied = await append_postgres_batch(connection, [a for a, _ in batch])
+            except asyncio.CancelledError:
+                for _, future in [*batch, *self._queue]:
+                    if not future.done():
+                        future.cancel()
+                self._queue.clear()
+                raise
+            except BaseException as exc:
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                if not isinstance(exc, Exception):
+                    raise
+                continue
+            for append, future in batch:
+                if not future.done():
+                    future.set_result(append.run_id in applied)
 
 
 _SQLITE_UPDATE = (

@@ -51,7 +51,7 @@ from ._common import (
 )
 from ._dialect import insert_for, install_sqlite_hooks, write_options
 from ._fastpath import META as _FAST_META
-from ._fastpath import Append, append_postgres, append_sqlite
+from ._fastpath import Append, PostgresAppendBatcher, append_sqlite
 from ._group import GroupCommitter, Operation
 
 logger = logging.getLogger(__name__)
@@ -270,6 +270,7 @@ class SQLCheckpointStore:
         self._insert = insert_for(self._dialect)
         self._write_engine = engine.execution_options(**write_options())
         self._group: GroupCommitter | None = None
+        self._pg_batcher: PostgresAppendBatcher | None = None
         if self._dialect == "sqlite":
             install_sqlite_hooks(
                 engine, synchronous=sqlite_synchronous, busy_timeout=sqlite_busy_timeout
@@ -326,6 +327,8 @@ class SQLCheckpointStore:
         """
         if self._group is not None:
             await self._group.aclose()
+        if self._pg_batcher is not None:
+            await self._pg_batcher.aclose()
         if self._owns_engine and not self._closed:
             self._closed = True
             await self._engine.dispose()
@@ -525,21 +528,29 @@ class SQLCheckpointStore:
         await self._submit("saving", run_id, op)
 
     async def _append_postgres(self, append: Append) -> bool:
-        """The one-statement append on PostgreSQL (see ``_fastpath``); False: not applied."""
+        """The append on PostgreSQL, batched with concurrent ones (see ``_fastpath``);
+        False: not applied (the caller rewrites in full)."""
         await self.check_schema()
+        if self._pg_batcher is None:
+            self._pg_batcher = PostgresAppendBatcher(self._raw_pg_connection)
         try:
-            async with self._engine.connect() as conn:
-                raw = await conn.get_raw_connection()
-                try:
-                    return await append_postgres(raw.driver_connection, append)
-                except BaseException as exc:
-                    if not _is_bad_data(exc):
-                        # The pool cannot see errors raised past SQLAlchemy: drop the
-                        # connection rather than hand it out again in an unknown state.
-                        await conn.invalidate()
-                    raise
+            return await self._pg_batcher.submit(append)
         except DRIVER_ERRORS as exc:
             raise self._unavailable("saving", append.run_id, exc) from exc
+
+    @asynccontextmanager
+    async def _raw_pg_connection(self) -> AsyncIterator[Any]:
+        """A pooled asyncpg connection outside any transaction (autocommit statements)."""
+        async with self._engine.connect() as conn:
+            raw = await conn.get_raw_connection()
+            try:
+                yield raw.driver_connection
+            except BaseException as exc:
+                if not _is_bad_data(exc):
+                    # The pool cannot see errors raised past SQLAlchemy: drop the connection
+                    # rather than hand it out again in an unknown state.
+                    await conn.invalidate()
+                raise
 
     @staticmethod
     async def _insert_messages(
