@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from .config import VERSION_TABLE
 from .errors import CheckpointError, SchemaOutOfDateError
 from .schema import REQUIRED_REVISION
-from .stores.sql import DRIVER_ERRORS, map_driver_error
+from .stores.sql import DRIVER_ERRORS, map_driver_error, preflight
 
 logger = logging.getLogger(__name__)
 
@@ -126,6 +126,7 @@ async def current_revision(engine: AsyncEngine) -> str | None:
     Raises:
         StoreUnavailableError: the database could not be reached.
     """
+    preflight(engine)
     try:
         async with engine.connect() as conn:
             return await conn.run_sync(_current)

@@ -201,6 +201,28 @@ def _describe(exc: BaseException) -> str:
     return f"{type(inner).__name__}: {inner}"
 
 
+def preflight(engine: AsyncEngine) -> None:
+    """Refuse a SQLite file whose directory does not exist, before connecting.
+
+    aiosqlite's worker thread outlives a failed connect and can crash on a closed loop
+    (omnilib/aiosqlite#241); a missing directory is the common cause, so catch it here.
+
+    Raises:
+        StoreUnavailableError: the SQLite file cannot be created there.
+    """
+    database = engine.url.database
+    if engine.dialect.name != "sqlite" or not database or database == ":memory:":
+        return
+    if database.startswith("file:"):  # URI filenames: leave them to SQLite
+        return
+    parent = os.path.dirname(os.path.abspath(database))
+    if not os.path.isdir(parent):
+        raise StoreUnavailableError(
+            f"SQLite database {database!r} cannot be opened: directory {parent!r} does not "
+            "exist (create it, or fix the URL)"
+        )
+
+
 def map_driver_error(
     engine: AsyncEngine, action: str, run_id: str | None, exc: BaseException
 ) -> CheckpointError:
@@ -382,22 +404,8 @@ class SQLCheckpointStore:
             self._schema_checked = True
 
     def preflight(self) -> None:
-        """Refuse a SQLite file whose directory does not exist, before connecting.
-
-        aiosqlite's worker thread outlives a failed connect and can crash on a closed loop
-        (omnilib/aiosqlite#241); a missing directory is the common cause, so catch it here.
-        """
-        database = self._engine.url.database
-        if self._dialect != "sqlite" or not database or database == ":memory:":
-            return
-        if database.startswith("file:"):  # URI filenames: leave them to SQLite
-            return
-        parent = os.path.dirname(os.path.abspath(database))
-        if not os.path.isdir(parent):
-            raise StoreUnavailableError(
-                f"SQLite database {database!r} cannot be opened: directory {parent!r} does not "
-                "exist (create it, or fix the URL)"
-            )
+        """Refuse a SQLite file whose directory does not exist, before connecting."""
+        preflight(self._engine)
 
     def _unavailable(self, action: str, run_id: str | None, exc: BaseException) -> CheckpointError:
         return map_driver_error(self._engine, action, run_id, exc)
