@@ -18,7 +18,6 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
-from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -32,12 +31,17 @@ T = TypeVar("T")
 Operation = Callable[[AsyncConnection], Awaitable[T]]
 
 
+RawOperation = Callable[[Any], Awaitable[T]]
+"""An operation on the raw driver connection (aiosqlite), inside the batch's transaction."""
+
+
 @dataclass(slots=True)
 class _Pending(Generic[T]):
-    op: Operation[T]
+    op: Callable[[Any], Awaitable[T]]
     future: asyncio.Future[T]
     action: str
     run_id: str | None
+    raw: bool = False
 
 
 class GroupCommitter:
@@ -45,12 +49,15 @@ class GroupCommitter:
 
     def __init__(
         self,
-        begin: Callable[[], AbstractAsyncContextManager[AsyncConnection]],
+        connect: Callable[[], Awaitable[AsyncConnection]],
         map_error: Callable[[str, str | None, BaseException], BaseException],
         *,
         max_batch: int = 64,
     ) -> None:
-        self._begin = begin
+        # One connection, opened on first use and kept by the drainer: no pool checkout and
+        # reset per batch. It is reopened after a failed batch and closed by aclose().
+        self._connect = connect
+        self._conn: AsyncConnection | None = None
         self._map_error = map_error
         self._max_batch = max_batch
         self._queue: deque[_Pending[Any]] = deque()
@@ -63,17 +70,36 @@ class GroupCommitter:
 
         Cancelling the caller does not cancel the write (it is finished with its batch).
         """
+        return await self._enqueue(_Pending(op, self._future(), action, run_id))
+
+    async def submit_raw(self, action: str, run_id: str | None, op: RawOperation[T]) -> T:
+        """As :meth:`submit`, for an operation on the raw driver connection. A batch made only
+        of these runs on the driver alone (``BEGIN IMMEDIATE`` … ``COMMIT``): the fewest
+        thread hops per save."""
+        return await self._enqueue(_Pending(op, self._future(), action, run_id, raw=True))
+
+    @staticmethod
+    def _future() -> asyncio.Future[Any]:
+        return asyncio.get_running_loop().create_future()
+
+    async def _enqueue(self, pending: _Pending[T]) -> T:
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[T] = loop.create_future()
-        self._queue.append(_Pending(op, future, action, run_id))
+        future = pending.future
+        self._queue.append(pending)
         if self._drainer is None or self._drainer.done():
             self._drainer = loop.create_task(self._drain(), name="executus_ckpt.group_commit")
         return await asyncio.shield(future)
 
     async def aclose(self) -> None:
-        """Wait for queued writes to finish."""
+        """Wait for queued writes to finish, then close the connection."""
         if self._drainer is not None and not self._drainer.done():
             await asyncio.wait([self._drainer])
+        await self._close_connection()
+
+    async def _close_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await conn.close()
 
     async def _drain(self) -> None:
         while self._queue:
@@ -91,15 +117,32 @@ class GroupCommitter:
     async def _run(self, batch: list[_Pending[Any]]) -> None:
         results: list[tuple[Any, BaseException | None]] = []
         try:
-            async with self._begin() as conn:
-                for item in batch:
-                    try:
-                        results.append((await item.op(conn), None))
-                    except CheckpointError as exc:  # raised before the op wrote anything
-                        results.append((None, exc))
+            if self._conn is None:
+                self._conn = await self._connect()
+            conn = self._conn
+            if all(item.raw for item in batch):
+                raw: Any = (await conn.get_raw_connection()).driver_connection
+                await raw.execute("BEGIN IMMEDIATE")
+                try:
+                    for item in batch:
+                        results.append(await self._call(item, raw))
+                    await raw.execute("COMMIT")
+                except BaseException:
+                    if raw.in_transaction:
+                        await raw.execute("ROLLBACK")
+                    raise
+            else:
+                async with conn.begin():
+                    driver: Any = None
+                    for item in batch:
+                        if item.raw and driver is None:
+                            driver = (await conn.get_raw_connection()).driver_connection
+                        results.append(await self._call(item, driver if item.raw else conn))
         except asyncio.CancelledError:
+            await self._discard_connection()
             raise
         except BaseException as exc:
+            await self._discard_connection()
             for item in batch:
                 mapped = (
                     exc
@@ -116,6 +159,23 @@ class GroupCommitter:
             logger.debug("group commit of %d writes", len(batch))
         for item, (value, failure) in zip(batch, results, strict=True):
             _settle(item.future, value=value, error=failure)
+
+    @staticmethod
+    async def _call(item: _Pending[Any], conn: Any) -> tuple[Any, BaseException | None]:
+        try:
+            return await item.op(conn), None
+        except CheckpointError as exc:  # raised before the op wrote anything
+            return None, exc
+
+    async def _discard_connection(self) -> None:
+        """After a failed batch: drop the connection (its state is unknown); reopen later."""
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        try:
+            await conn.invalidate()
+        except Exception:  # already broken: nothing more to release
+            logger.debug("could not invalidate the group-commit connection", exc_info=True)
 
 
 def _settle(

@@ -300,7 +300,7 @@ class SQLCheckpointStore:
             # SQLite has one writer at a time: this process's writes go through one owned
             # drainer, which batches those that arrive together into one transaction (one
             # fsync) instead of queueing them on the file lock.
-            self._group = GroupCommitter(self._write_engine.begin, self._unavailable)
+            self._group = GroupCommitter(self._write_engine.connect, self._unavailable)
         self._schema_checked = False
         self._schema_lock = asyncio.Lock()
         self._closed = False
@@ -488,18 +488,13 @@ class SQLCheckpointStore:
                 owner=checkpoint.owner,
                 meta=[header[c] for c in _FAST_META],
             )
-            if self._dialect == "postgresql" and await self._append_postgres(append):
+            if await self._append(append):
                 self._log_save(run_id, checkpoint.iteration, len(tail), tail_size, True)
                 return
 
         async def op(conn: AsyncConnection) -> None:
             rows, size = tail, tail_size
             if base is not None:
-                if append is not None and self._dialect == "sqlite":
-                    raw = await conn.get_raw_connection()
-                    if await append_sqlite(raw.driver_connection, append):
-                        self._log_save(run_id, checkpoint.iteration, len(rows), size, True)
-                        return
                 # Not what we thought was stored (or fenced, or too large): write it all.
                 # Raising here is still before this operation wrote anything.
                 head = encode_messages(messages[:start], run_id)
@@ -534,6 +529,17 @@ class SQLCheckpointStore:
             self._log_save(run_id, checkpoint.iteration, len(rows), size, False)
 
         await self._submit("saving", run_id, op)
+
+    async def _append(self, append: Append) -> bool:
+        """The guarded append on the raw driver; False: not applied (rewrite in full)."""
+        if self._group is None:
+            return await self._append_postgres(append)
+        await self.check_schema()
+
+        async def op(driver: Any) -> bool:
+            return await append_sqlite(driver, append)
+
+        return await self._group.submit_raw("saving", append.run_id, op)
 
     async def _append_postgres(self, append: Append) -> bool:
         """The append on PostgreSQL, batched with concurrent ones (see ``_fastpath``);

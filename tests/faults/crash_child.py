@@ -55,9 +55,11 @@ async def main(url: str, pause_at: str) -> None:
                 if sql.lstrip().upper().startswith(marker):
                     freeze()
 
-            async with store.engine.connect() as conn:  # the pool's one connection here
-                raw = await conn.get_raw_connection()
-                await raw.driver_connection.set_trace_callback(trace)
+            # Writes go through the group committer's connection (private, held open).
+            held = store._group._conn  # type: ignore[union-attr]
+            assert held is not None, "the first save opened the committer's connection"
+            raw = await held.get_raw_connection()
+            await raw.driver_connection.set_trace_callback(trace)
         elif pause_at == "insert":
             dsn = make_url(url).set(drivername="postgresql").render_as_string(False)
             admin = await asyncpg.connect(dsn)

@@ -7,8 +7,8 @@ full rewrites (or an extra read per save) fails here on both SQL backends.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,8 +46,8 @@ class Statements:
         return [k for i, k in enumerate(out) if i == 0 or k != out[i - 1] or k != "INSERT"]
 
 
-@contextmanager
-def counting(store: SQLCheckpointStore) -> Iterator[Statements]:
+@asynccontextmanager
+async def counting(store: SQLCheckpointStore) -> AsyncIterator[Statements]:
     """Record every statement the *driver* runs (the save fast path bypasses SQLAlchemy).
 
     SQLite: sqlite3's trace callback (it sees SQLAlchemy's statements too); PostgreSQL:
@@ -72,6 +72,10 @@ def counting(store: SQLCheckpointStore) -> Iterator[Statements]:
 
     engine = store.engine.sync_engine
     event.listen(engine, "checkout", on_checkout)
+    held = getattr(getattr(store, "_group", None), "_conn", None)
+    if held is not None:  # SQLite's group committer keeps its connection checked out
+        raw = await held.get_raw_connection()
+        await raw.driver_connection.set_trace_callback(lambda q: stats.seen.append((q, q)))
     if store.dialect == "postgresql":
         event.listen(engine, "before_cursor_execute", before)
     try:
@@ -117,7 +121,7 @@ async def test_append_writes_only_new_messages_and_header(sql_store: SQLCheckpoi
     await cp.save(RunCheckpointState(messages=transcript, iteration=1))  # first save: full
     for i in range(1, 30):
         transcript += iteration_messages(i)
-        with counting(sql_store) as stats:
+        async with counting(sql_store) as stats:
             await cp.save(RunCheckpointState(messages=transcript, iteration=i + 1))
         assert stats.kinds() == ["UPDATE", "INSERT"], stats.on_table()
         flat = " ".join(_text(p) for sql, p in stats.on_table() if "INSERT" in sql.upper())
@@ -138,14 +142,14 @@ async def test_compaction_rewrites_in_full(sql_store: SQLCheckpointStore) -> Non
         transcript += iteration_messages(i)
         await cp.save(RunCheckpointState(messages=transcript, iteration=i))
     compacted: list[Any] = [{"role": "system", "content": "summary of 15 messages"}]
-    with counting(sql_store) as stats:
+    async with counting(sql_store) as stats:
         await cp.save(RunCheckpointState(messages=compacted, iteration=6))
     assert "DELETE" in stats.kinds(), "a shorter transcript is rewritten"
     loaded = await sql_store.load("r")
     assert loaded.messages == compacted and loaded.iteration == 6
     # ...and appending resumes from the compacted transcript.
     compacted = [*compacted, {"role": "user", "content": "more"}]
-    with counting(sql_store) as stats:
+    async with counting(sql_store) as stats:
         await cp.save(RunCheckpointState(messages=compacted, iteration=7))
     assert stats.kinds() == ["UPDATE", "INSERT"]
     assert (await sql_store.load("r")).messages == compacted
@@ -160,7 +164,7 @@ async def test_edited_prefix_is_detected_and_rewritten(sql_store: SQLCheckpointS
     await cp.save(RunCheckpointState(messages=edited, iteration=2))
     assert (await sql_store.load("r")).messages == edited
     same_values_new_objects = [dict(m) for m in edited] + [{"n": 11}]
-    with counting(sql_store) as stats:
+    async with counting(sql_store) as stats:
         await cp.save(RunCheckpointState(messages=same_values_new_objects, iteration=3))
     assert stats.kinds() == ["UPDATE", "INSERT"], "equal values still count as a prefix"
     assert (await sql_store.load("r")).messages == same_values_new_objects
@@ -196,7 +200,7 @@ async def test_take_over_writes_in_full_then_appends(sql_store: SQLCheckpointSto
             RunCheckpointState(messages=transcript + iteration_messages(9), iteration=9)
         )
     resumed += iteration_messages(4)
-    with counting(sql_store) as stats:
+    async with counting(sql_store) as stats:
         await second.save(RunCheckpointState(messages=resumed, iteration=5))
     assert stats.kinds() == ["UPDATE", "INSERT"]
     assert (await sql_store.load("r")).messages == resumed
