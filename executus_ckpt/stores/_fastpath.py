@@ -165,9 +165,11 @@ async def append_postgres_batch(connection: Any, batch: Sequence[Append]) -> set
 class PostgresAppendBatcher:
     """Group commit for PostgreSQL appends: those that arrive together share one statement.
 
-    One drainer task, owned here, sends whatever is queued as one statement and resolves each
-    caller with whether its guard matched; appends that arrive meanwhile form the next batch.
-    A lone append is one statement, as before. Two appends of one run never share a batch.
+    Up to ``parallel`` drainer tasks, owned here, each send whatever is queued as one
+    statement (on its own connection) and resolve each caller with whether its guard matched;
+    appends that arrive meanwhile form the next batch. A lone append is one statement, as
+    before. Two appends of one run never share a batch (in parallel batches the second one's
+    guard fails on the row the first one changed, and it is rewritten in full: never a mix).
     """
 
     def __init__(
@@ -175,23 +177,27 @@ class PostgresAppendBatcher:
         connect: Callable[[], AbstractAsyncContextManager[Any]],
         *,
         max_batch: int = 64,
+        parallel: int = 2,
     ) -> None:
         self._connect = connect
         self._max_batch = max_batch
+        self._parallel = parallel
         self._queue: deque[tuple[Append, asyncio.Future[bool]]] = deque()
-        self._drainer: asyncio.Task[None] | None = None
+        self._drainers: set[asyncio.Task[None]] = set()
 
     async def submit(self, append: Append) -> bool:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[bool] = loop.create_future()
         self._queue.append((append, future))
-        if self._drainer is None or self._drainer.done():
-            self._drainer = loop.create_task(self._drain(), name="executus_ckpt.pg_append")
+        if len(self._drainers) < self._parallel:
+            task = loop.create_task(self._drain(), name="executus_ckpt.pg_append")
+            self._drainers.add(task)
+            task.add_done_callback(self._drainers.discard)
         return await asyncio.shield(future)
 
     async def aclose(self) -> None:
-        if self._drainer is not None and not self._drainer.done():
-            await asyncio.wait([self._drainer])
+        if self._drainers:
+            await asyncio.wait(set(self._drainers))
 
     def _take(self) -> list[tuple[Append, asyncio.Future[bool]]]:
         batch: list[tuple[Append, asyncio.Future[bool]]] = []
