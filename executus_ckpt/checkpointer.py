@@ -52,6 +52,9 @@ class _Snapshot:
     messages: tuple[JSONValue, ...]
     iteration: int
     completed_phases: tuple[str, ...]
+    encoded_from: int = 0
+    """``encoded`` holds the encodings of ``messages[encoded_from:]``."""
+    encoded: tuple[bytes, ...] = ()
 
 
 class StoreCheckpointer:
@@ -202,12 +205,13 @@ class StoreCheckpointer:
                 f"iteration of run {self.run_id!r} must be an int", run_id=self.run_id
             )
         # Validate only what is new (the usual append); a shorter transcript is re-checked whole.
+        # The encodings are kept: when this state is appended as is, the store writes them
+        # instead of encoding the messages again (serialization once per message).
         start = self._validated_count if len(messages) >= self._validated_count else 0
-        if start < len(messages):
-            codec.encode(messages[start:], run_id=self.run_id)
+        encoded = tuple(codec.encode(m, run_id=self.run_id) for m in messages[start:])
         self._validated_count = len(messages)
         self._seq += 1
-        return _Snapshot(self._seq, messages, state.iteration, phases)
+        return _Snapshot(self._seq, messages, state.iteration, phases, start, encoded)
 
     async def _write_through(self, seq: int) -> None:
         """Make sure state ``seq`` (or a newer one) is written; finishes even if cancelled."""
@@ -244,7 +248,12 @@ class StoreCheckpointer:
             if base is None:
                 await self._store.save(checkpoint)
             else:
-                await self._store.save(checkpoint, base_count=base)
+                # Our stores' delta hints (not part of the CheckpointStore protocol).
+                save: Callable[..., Awaitable[None]] = self._store.save
+                if base == snap.encoded_from:
+                    await save(checkpoint, base_count=base, encoded_tail=snap.encoded)
+                else:
+                    await save(checkpoint, base_count=base)
         except CheckpointFencedError as exc:
             self._fenced = exc
             self._finalized = True
@@ -344,7 +353,9 @@ def _accepts_base_count(store: CheckpointStore) -> bool:
         params = inspect.signature(store.save).parameters
     except (TypeError, ValueError):
         return False
-    return "base_count" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+    return ("base_count" in params and "encoded_tail" in params) or any(
+        p.kind is p.VAR_KEYWORD for p in params.values()
+    )
 
 
 def _shared_prefix(

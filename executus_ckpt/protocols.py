@@ -53,14 +53,16 @@ class CheckpointStore(Protocol):
     a write carrying an epoch lower than the stored one raises :class:`CheckpointFencedError`.
     """
 
-    async def save(self, checkpoint: RunCheckpoint, *, base_count: int | None = None) -> None:
+    async def save(self, checkpoint: RunCheckpoint) -> None:
         """Insert or replace the run's state.
 
         On an existing row the state, meta, ``app_version``, ``owner`` and ``updated_at`` are
         replaced; ``created_at``, ``attempts``, ``status`` and ``last_error`` are kept.
-        ``base_count`` is a hint that the stored transcript is ``checkpoint.messages[:base_count]``
-        so that only the newer messages need writing; if it is not, the store rewrites the whole
-        transcript. Either way the stored transcript is exactly ``checkpoint.messages``.
+        A store may also accept ``base_count=`` (a hint that the stored transcript is
+        ``checkpoint.messages[:base_count]``, so that only newer messages are written; if it is
+        not, the whole transcript is rewritten) and ``encoded_tail=`` (the encodings of those
+        newer messages); the checkpointer passes them to stores whose ``save`` takes them.
+        Either way the stored transcript is exactly ``checkpoint.messages``.
 
         Raises:
             CheckpointFencedError: the stored epoch is newer than ``checkpoint.epoch``.

@@ -123,6 +123,19 @@ def encode_messages(messages: Sequence[object], run_id: str) -> list[bytes]:
     return [codec.encode(m, run_id=run_id) for m in messages]
 
 
+def tail_encodings(
+    messages: Sequence[object],
+    start: int,
+    encoded_tail: Sequence[bytes] | None,
+    run_id: str,
+) -> list[bytes]:
+    """Encodings of ``messages[start:]``: those the caller already made (the checkpointer
+    validated them by encoding them), else encoded here."""
+    if encoded_tail is not None and len(encoded_tail) == len(messages) - start:
+        return list(encoded_tail)
+    return encode_messages(messages[start:], run_id)
+
+
 def check_size(run_id: str, size_bytes: int, max_bytes: int) -> None:
     if size_bytes > max_bytes:
         raise CheckpointTooLargeError(

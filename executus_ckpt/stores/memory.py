@@ -28,6 +28,7 @@ from ._common import (
     cutoff,
     encode_messages,
     join_messages,
+    tail_encodings,
     valid_base,
 )
 
@@ -111,7 +112,13 @@ class InMemoryCheckpointStore:
         self._rows: dict[str, _Row] = {}
         self._max_bytes = max_checkpoint_bytes
 
-    async def save(self, checkpoint: RunCheckpoint, *, base_count: int | None = None) -> None:
+    async def save(
+        self,
+        checkpoint: RunCheckpoint,
+        *,
+        base_count: int | None = None,
+        encoded_tail: Sequence[bytes] | None = None,
+    ) -> None:
         run_id = checkpoint.meta.run_id
         phases = check_header(checkpoint)
         messages = checkpoint.messages
@@ -125,7 +132,7 @@ class InMemoryCheckpointStore:
                 epoch=checkpoint.epoch,
             )
         if row is not None and base is not None and len(row.messages) == base:
-            tail = encode_messages(messages[base:], run_id)
+            tail = tail_encodings(messages, base, encoded_tail, run_id)
             size = row.size_bytes + sum(map(len, tail))
             check_size(run_id, size, self._max_bytes)
             encoded = row.messages + tail

@@ -47,6 +47,7 @@ from ._common import (
     encode_messages,
     is_storable_id,
     join_messages,
+    tail_encodings,
     valid_base,
 )
 from ._dialect import insert_for, install_sqlite_hooks, write_options
@@ -445,7 +446,13 @@ class SQLCheckpointStore:
 
     # -- CheckpointStore -----------------------------------------------------------------
 
-    async def save(self, checkpoint: RunCheckpoint, *, base_count: int | None = None) -> None:
+    async def save(
+        self,
+        checkpoint: RunCheckpoint,
+        *,
+        base_count: int | None = None,
+        encoded_tail: Sequence[bytes] | None = None,
+    ) -> None:
         """Insert or replace the run's state (see :meth:`CheckpointStore.save`).
 
         With ``base_count`` (the caller's word that the stored transcript is
@@ -458,7 +465,7 @@ class SQLCheckpointStore:
         messages = checkpoint.messages
         base = valid_base(base_count, messages)
         start = base or 0
-        tail = encode_messages(messages[start:], run_id)
+        tail = tail_encodings(messages, start, encoded_tail, run_id)
         tail_size = sum(map(len, tail))
         if base is None:
             check_size(run_id, tail_size, self._max_bytes)

@@ -481,3 +481,36 @@ async def test_begin_on_existing_row_takes_over_and_keeps_attempts(store: Any) -
     assert await stored_iteration(store, "r") == 6
     await second.complete()
     assert await store.load("r") is None
+
+
+async def test_each_new_message_is_encoded_once(
+    store: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from executus_ckpt import codec
+
+    real = codec.encode
+    encoded: list[Any] = []
+
+    def counting(value: Any, *, run_id: str | None = None) -> bytes:
+        encoded.append(value)
+        return real(value, run_id=run_id)
+
+    cp = new_checkpointer(store, META)
+    transcript: list[Any] = [{"n": 0}]
+    await cp.save(RunCheckpointState(messages=transcript, iteration=0))
+    monkeypatch.setattr(codec, "encode", counting)
+    for i in range(1, 6):
+        new = [{"n": i, "k": k} for k in range(3)]
+        transcript += new
+        encoded.clear()
+        await cp.save(RunCheckpointState(messages=transcript, iteration=i, completed_phases=("p",)))
+        # Every encoding that touches a message, whether alone or inside a list.
+        touched = [
+            m
+            for v in encoded
+            for m in (v if isinstance(v, list | tuple) else [v])
+            if isinstance(m, dict)
+        ]
+        assert touched == new, "each new message encoded exactly once, old ones never"
+    monkeypatch.undo()
+    assert (await store.load("run-1")).messages == transcript
