@@ -54,8 +54,9 @@ class GroupCommitter:
         *,
         max_batch: int = 64,
     ) -> None:
-        # One connection, opened on first use and kept by the drainer: no pool checkout and
-        # reset per batch. It is reopened after a failed batch and closed by aclose().
+        # One connection, checked out by the drainer and kept while writes keep coming (no
+        # checkout and reset per batch); returned when the queue is empty, dropped after a
+        # failed batch.
         self._connect = connect
         self._conn: AsyncConnection | None = None
         self._map_error = map_error
@@ -102,17 +103,29 @@ class GroupCommitter:
             await conn.close()
 
     async def _drain(self) -> None:
-        while self._queue:
-            batch = [self._queue.popleft() for _ in range(min(self._max_batch, len(self._queue)))]
-            try:
-                await self._run(batch)
-            except asyncio.CancelledError:
-                # Only at loop shutdown: tell the waiters, then stop.
-                error = StoreUnavailableError("write cancelled: the event loop is shutting down")
-                for item in [*batch, *self._queue]:
-                    _settle(item.future, error=error)
-                self._queue.clear()
-                raise
+        while True:
+            while self._queue:
+                batch = [
+                    self._queue.popleft() for _ in range(min(self._max_batch, len(self._queue)))
+                ]
+                try:
+                    await self._run(batch)
+                except asyncio.CancelledError:
+                    # Only at loop shutdown: tell the waiters, then stop.
+                    error = StoreUnavailableError(
+                        "write cancelled: the event loop is shutting down"
+                    )
+                    for item in [*batch, *self._queue]:
+                        _settle(item.future, error=error)
+                    self._queue.clear()
+                    await self._discard_connection()
+                    raise
+            # Idle: give the connection back to the pool (a store over a borrowed engine is
+            # not required to be closed). Writes queued while it is returned are taken by
+            # this same drainer: submit() only starts a new one once this one is done.
+            await self._close_connection()
+            if not self._queue:
+                return
 
     async def _run(self, batch: list[_Pending[Any]]) -> None:
         results: list[tuple[Any, BaseException | None]] = []

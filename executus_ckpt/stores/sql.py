@@ -13,6 +13,7 @@ from typing import Any, Literal, TypeVar, cast
 
 from sqlalchemy import and_, func, select, tuple_
 from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from .. import codec
@@ -319,6 +320,10 @@ class SQLCheckpointStore:
         engine_options: dict[str, Any] = dict(options.pop("engine_options", None) or {})
         # No pool_pre_ping: on asyncpg it costs three round trips per checkout. A connection
         # that died is invalidated by the error it raises, and the pool reconnects.
+        if make_url(url).get_backend_name() == "sqlite":
+            # Every path of ours ends its own transaction (SQLAlchemy's Connection rolls back
+            # on close what it began), so the pool's extra reset is a wasted thread hop.
+            engine_options.setdefault("pool_reset_on_return", None)
         engine = create_async_engine(url, **engine_options)
         return cls(engine, _owns_engine=True, **options)
 

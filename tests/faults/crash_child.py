@@ -20,6 +20,7 @@ from typing import Any
 import asyncpg
 from sqlalchemy import event
 from sqlalchemy.engine import make_url
+from sqlalchemy.util import await_only
 
 from executus_ckpt import RunCheckpointState, RunInfo, SQLCheckpointStore, StoreCheckpointerFactory
 
@@ -55,11 +56,10 @@ async def main(url: str, pause_at: str) -> None:
                 if sql.lstrip().upper().startswith(marker):
                     freeze()
 
-            # Writes go through the group committer's connection (private, held open).
-            held = store._group._conn  # type: ignore[union-attr]
-            assert held is not None, "the first save opened the committer's connection"
-            raw = await held.get_raw_connection()
-            await raw.driver_connection.set_trace_callback(trace)
+            def on_checkout(dbapi_connection: Any, record: Any, proxy: Any) -> None:
+                await_only(dbapi_connection.driver_connection.set_trace_callback(trace))
+
+            event.listen(store.engine.sync_engine, "checkout", on_checkout)
         elif pause_at == "insert":
             dsn = make_url(url).set(drivername="postgresql").render_as_string(False)
             admin = await asyncpg.connect(dsn)
