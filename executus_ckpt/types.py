@@ -157,6 +157,23 @@ class CheckpointSummary:
     def run_id(self) -> str:
         return self.meta.run_id
 
+    def with_messages(self, messages: Sequence[JSONValue]) -> RunCheckpoint:
+        """The full :class:`RunCheckpoint`: this summary plus its transcript."""
+        return RunCheckpoint(
+            meta=self.meta,
+            messages=messages,
+            iteration=self.iteration,
+            completed_phases=self.completed_phases,
+            created_at=self.created_at,
+            updated_at=self.updated_at,
+            attempts=self.attempts,
+            status=self.status,
+            last_error=self.last_error,
+            app_version=self.app_version,
+            owner=self.owner,
+            epoch=self.epoch,
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class RunCheckpoint:

@@ -84,20 +84,7 @@ class _Row:
         )
 
     def checkpoint(self) -> RunCheckpoint:
-        return RunCheckpoint(
-            meta=self.meta,
-            messages=cast(Sequence[JSONValue], join_messages(self.messages)),
-            iteration=self.iteration,
-            completed_phases=cast(Sequence[str], codec.decode(self.completed_phases)),
-            created_at=self.created_at,
-            updated_at=self.updated_at,
-            attempts=self.attempts,
-            status=self.status,
-            last_error=self.last_error,
-            app_version=self.app_version,
-            owner=self.owner,
-            epoch=self.epoch,
-        )
+        return self.summary().with_messages(cast(Sequence[JSONValue], join_messages(self.messages)))
 
 
 class InMemoryCheckpointStore:

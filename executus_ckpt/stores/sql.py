@@ -136,20 +136,7 @@ def _summary_of(row: Any) -> CheckpointSummary:
 
 
 def _checkpoint_of(row: Any, messages: Sequence[bytes]) -> RunCheckpoint:
-    return RunCheckpoint(
-        meta=_meta_of(row),
-        messages=cast(Sequence[JSONValue], join_messages(messages)),
-        iteration=row.iteration,
-        completed_phases=cast(Sequence[str], codec.decode(row.completed_phases)),
-        created_at=row.created_at,
-        updated_at=row.updated_at,
-        attempts=row.attempts,
-        status=CheckpointStatus(row.status),
-        last_error=row.last_error,
-        app_version=row.app_version,
-        owner=row.owner,
-        epoch=row.epoch,
-    )
+    return _summary_of(row).with_messages(cast(Sequence[JSONValue], join_messages(messages)))
 
 
 def _raw_driver_errors() -> tuple[type[BaseException], ...]:
