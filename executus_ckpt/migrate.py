@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from .config import VERSION_TABLE
 from .errors import CheckpointError, SchemaOutOfDateError
 from .schema import REQUIRED_REVISION
-from .stores.sql import DRIVER_ERRORS, map_driver_error, preflight
+from .stores.sql import DRIVER_ERRORS, map_driver_error, preflight, sqlite_file_missing
 
 logger = logging.getLogger(__name__)
 
@@ -127,6 +127,8 @@ async def current_revision(engine: AsyncEngine) -> str | None:
         StoreUnavailableError: the database could not be reached.
     """
     preflight(engine)
+    if sqlite_file_missing(engine):
+        return None  # no file, no schema: do not create an empty file just to look
     try:
         async with engine.connect() as conn:
             return await conn.run_sync(_current)

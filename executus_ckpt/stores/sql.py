@@ -190,6 +190,16 @@ def _describe(exc: BaseException) -> str:
     return f"{type(inner).__name__}: {inner}"
 
 
+def sqlite_file_missing(engine: AsyncEngine) -> bool:
+    """True for a SQLite file database that does not exist yet (connecting would create it)."""
+    database = engine.url.database
+    if engine.dialect.name != "sqlite" or not database or database == ":memory:":
+        return False
+    if database.startswith("file:"):
+        return False
+    return not os.path.exists(database)
+
+
 def preflight(engine: AsyncEngine) -> None:
     """Refuse a SQLite file whose directory does not exist, before connecting.
 

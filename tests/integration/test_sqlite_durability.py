@@ -43,3 +43,33 @@ async def test_busy_timeout_option(tmp_path: Path) -> None:
 def test_bad_synchronous_level_is_refused() -> None:
     with pytest.raises(ValueError, match="FULL, NORMAL or EXTRA"):
         SQLCheckpointStore.from_url("sqlite+aiosqlite:///x.db", sqlite_synchronous="OFF")  # type: ignore[arg-type]
+
+
+async def test_a_missing_file_is_refused_without_being_created(tmp_path: Path) -> None:
+    from executus_ckpt import SchemaOutOfDateError
+
+    path = tmp_path / "absent.db"
+    url = f"sqlite+aiosqlite:///{path}"
+    store = SQLCheckpointStore.from_url(url)
+    try:
+        with pytest.raises(SchemaOutOfDateError) as info:
+            await store.load("r")
+    finally:
+        await store.aclose()
+    assert info.value.found is None
+    assert not path.exists(), "looking must not leave an empty database file behind"
+    async with SQLCheckpointStore.open(url, migrate=True) as created:  # migrating creates it
+        assert await created.load("r") is None
+    assert path.exists()
+
+
+def test_cli_on_a_missing_file_creates_nothing(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from executus_ckpt.cli import main
+
+    path = tmp_path / "absent.db"
+    for args in (["list"], ["stats"], ["current"], ["show", "r"]):
+        result = CliRunner().invoke(main, ["--url", f"sqlite+aiosqlite:///{path}", *args])
+        assert result.exit_code == 1, (args, result.output)
+    assert not path.exists()
