@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import datetime
 from typing import Protocol, runtime_checkable
 
 from .types import (
+    CheckpointStats,
     CheckpointStatus,
     CheckpointSummary,
     RunCheckpoint,
@@ -33,6 +34,14 @@ class Checkpointer(Protocol):
 
     async def flush(self) -> None:
         """Write a pending throttled state now; a no-op when none is pending."""
+        ...
+
+    async def aclose(self) -> None:
+        """Stop without finalizing: cancel a pending trailing flush, wait for in-flight writes.
+
+        The stored checkpoint stays as last written (what a shutdown leaves for recovery);
+        call :meth:`flush` first to write a pending state. Idempotent.
+        """
         ...
 
 
@@ -147,4 +156,84 @@ class CheckpointStore(Protocol):
 
     async def record_error(self, run_id: str, error: str) -> bool:
         """Store ``error`` as the run's last error (status unchanged); True if the run exists."""
+        ...
+
+
+@runtime_checkable
+class AppendingStore(CheckpointStore, Protocol):
+    """A store that can extend a stored transcript without rewriting it (the save fast path).
+
+    The checkpointer calls :meth:`append` instead of ``save`` when the new transcript extends
+    the one it last wrote; stores that do not implement it get whole-transcript ``save`` calls.
+    A wrapper store (metrics, tracing) should forward ``append`` too, or it loses the fast path.
+    """
+
+    async def append(
+        self,
+        checkpoint: RunCheckpoint,
+        *,
+        base_count: int,
+        encoded_tail: Sequence[bytes] | None = None,
+    ) -> None:
+        """Store ``checkpoint``, whose transcript extends the stored one at ``base_count``.
+
+        The caller believes the stored transcript is ``checkpoint.messages[:base_count]``; only
+        the messages after it are written (``encoded_tail``, when given, holds their
+        encodings). If the stored transcript has another length the whole transcript is
+        rewritten in the same transaction, never a mix. Afterwards the stored state is exactly
+        ``checkpoint``, as after :meth:`CheckpointStore.save`.
+
+        Raises:
+            As :meth:`CheckpointStore.save`.
+        """
+        ...
+
+
+@runtime_checkable
+class AdminStore(CheckpointStore, Protocol):
+    """The operator's surface (the CLI): bulk listing, requeue, purge, counts."""
+
+    async def requeue(self, run_id: str) -> bool:
+        """Make a dead run recoverable again (status active, attempts 0); True if it was dead."""
+        ...
+
+    async def purge(
+        self,
+        *,
+        older_than: float,
+        status: CheckpointStatus | None = CheckpointStatus.DEAD,
+        dry_run: bool = False,
+        batch_size: int = 500,
+        on_progress: Callable[[int], None] | None = None,
+    ) -> int:
+        """Delete checkpoints not updated for ``older_than`` seconds; returns how many.
+
+        ``status=None`` purges every status; ``dry_run`` only counts; ``on_progress`` gets the
+        running total after each batch.
+        """
+        ...
+
+    async def stats(self) -> CheckpointStats:
+        """Counts by status and agent, sizes, and the oldest interrupted run."""
+        ...
+
+    async def count(self, *, status: CheckpointStatus | None = None) -> int:
+        """How many checkpoints are stored (with ``status``, only those)."""
+        ...
+
+
+@runtime_checkable
+class Clock(Protocol):
+    """Monotonic time for throttling: ``clock()`` reads seconds, ``sleep(s)`` waits.
+
+    :class:`executus_ckpt.testing.ManualClock` is one for tests; the default is
+    :data:`MONOTONIC` (``time.monotonic`` and ``asyncio.sleep``).
+    """
+
+    def __call__(self) -> float:
+        """Monotonic seconds."""
+        ...
+
+    async def sleep(self, seconds: float) -> None:
+        """Wait until the clock has advanced ``seconds``."""
         ...
