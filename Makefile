@@ -11,7 +11,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -e . --group dev
 	@touch $@
 
 db: ## start the machine's PostgreSQL if it is installed but stopped
@@ -41,7 +41,7 @@ migrate: install
 	$(BIN)/executus-ckpt migrate
 
 bench: install db
-	$(BIN)/pip install -q -e ".[dev,bench]"
+	$(BIN)/pip install -q -e . --group dev --group bench
 	EXECUTUS_CKPT_TEST_PG_URL=$${EXECUTUS_CKPT_TEST_PG_URL:-$$(scripts/ensure-postgres.sh)} \
 	$(BIN)/python -m bench
 

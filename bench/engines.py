@@ -381,7 +381,7 @@ def langgraph_available(backend: str) -> str | None:
             import langgraph.checkpoint.postgres.aio  # noqa: F401
             import psycopg  # noqa: F401
     except ImportError as exc:
-        return f"{exc} (pip install -e '.[bench]')"
+        return f"{exc} (make bench, or: pip install -e . --group bench)"
     return None
 
 

@@ -240,3 +240,19 @@ def test_installed_console_script_migrates(venv: Venv, tmp_path: Path) -> None:
     assert script.is_file()
     _run([str(script), "migrate", "--url", url], cwd=tmp_path, env=_clean_env(), timeout=120)
     assert asyncio.run(_revision(url)) == REQUIRED_REVISION
+
+
+def test_wheel_metadata_has_one_version_and_no_dev_extras(wheel: Path) -> None:
+    """The version comes from ``executus_ckpt.__version__``; dev tooling is not an extra."""
+    import executus_ckpt
+
+    archive = zipfile.ZipFile(wheel)
+    (meta_name,) = [n for n in archive.namelist() if n.endswith(".dist-info/METADATA")]
+    meta = archive.read(meta_name).decode()
+    headers = [line for line in meta.splitlines() if ": " in line and not line.startswith(" ")]
+    assert f"Version: {executus_ckpt.__version__}" in headers
+    assert wheel.name.startswith(f"executus_ckpt-{executus_ckpt.__version__}-")
+    assert [h for h in headers if h.startswith("Provides-Extra: ")] == ["Provides-Extra: postgres"]
+    assert "Classifier: Typing :: Typed" in headers
+    assert "Classifier: Framework :: AsyncIO" in headers
+    assert any(h.startswith("Project-URL: Repository, https://") for h in headers)
