@@ -3,25 +3,66 @@
 from __future__ import annotations
 
 import asyncio
-import inspect
+import enum
 import logging
 import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from . import codec
+from ._transcript import Transcript, TranscriptSnapshot
+from ._validation import check_identity, check_messages, check_progress
 from .config import DEFAULT_THROTTLE
 from .errors import CheckpointError, CheckpointFencedError
-from .protocols import Checkpointer, CheckpointStore
-from .types import JSONValue, RunCheckpoint, RunCheckpointMeta, RunCheckpointState, RunInfo, utcnow
+from .protocols import AppendingStore, Checkpointer, CheckpointStore, Clock
+from .types import RunCheckpoint, RunCheckpointMeta, RunCheckpointState, RunInfo, utcnow
 
 logger = logging.getLogger(__name__)
 
-Clock = Callable[[], float]
-"""Monotonic seconds."""
 Sleep = Callable[[float], Awaitable[None]]
 """Sleep for the given seconds of the clock's time."""
+
+
+class _MonotonicClock:
+    """A :class:`Clock` over a plain ``() -> float`` (``time.monotonic`` by default)."""
+
+    __slots__ = ("_now", "_sleep")
+
+    def __init__(self, now: Callable[[], float], sleep: Sleep) -> None:
+        self._now = now
+        self._sleep = sleep
+
+    def __call__(self) -> float:
+        return self._now()
+
+    async def sleep(self, seconds: float) -> None:
+        await self._sleep(seconds)
+
+
+def _as_clock(clock: Clock | Callable[[], float] | None, sleep: Sleep | None) -> Clock:
+    """The checkpointer's clock: a :class:`Clock` as given (``sleep`` overriding its own), or
+    a plain callable (or ``time.monotonic``) with ``sleep`` or ``asyncio.sleep``."""
+    if isinstance(clock, Clock) and sleep is None:
+        return clock
+    now = clock or time.monotonic
+    return _MonotonicClock(
+        now, sleep or (clock.sleep if isinstance(clock, Clock) else asyncio.sleep)
+    )
+
+
+MAX_RETRY_DELAY = 30.0
+"""Longest wait, in seconds, between retries of a failed trailing flush."""
+
+
+class _State(enum.Enum):
+    OPEN = "open"
+    """Saves are taken."""
+    CLOSED = "closed"
+    """Finalizing or closed: saves are no-ops; a pending state may still be flushed."""
+    DELETED = "deleted"
+    """complete()/fail() deleted the checkpoint: nothing more is written."""
+    FENCED = "fenced"
+    """A newer writer took the run over: saves and flushes raise CheckpointFencedError."""
 
 
 class NoopCheckpointer:
@@ -49,12 +90,9 @@ class NoopCheckpointer:
 @dataclass(frozen=True, slots=True)
 class _Snapshot:
     seq: int
-    messages: tuple[JSONValue, ...]
+    transcript: TranscriptSnapshot
     iteration: int
     completed_phases: tuple[str, ...]
-    encoded_from: int = 0
-    """``encoded`` holds the encodings of ``messages[encoded_from:]``."""
-    encoded: tuple[bytes, ...] = ()
 
 
 class StoreCheckpointer:
@@ -81,35 +119,34 @@ class StoreCheckpointer:
         meta: RunCheckpointMeta,
         *,
         throttle: float = DEFAULT_THROTTLE,
-        clock: Clock | None = None,
+        clock: Clock | Callable[[], float] | None = None,
         sleep: Sleep | None = None,
         epoch: int | None = 0,
         app_version: str | None = None,
         owner: str | None = None,
     ) -> None:
         self._store = store
+        self._appending = isinstance(store, AppendingStore)
         self._meta = meta
         self._throttle = float(throttle)
-        self._clock: Clock = clock or time.monotonic
-        self._sleep: Sleep = sleep or getattr(clock, "sleep", None) or asyncio.sleep
+        self._clock = _as_clock(clock, sleep)
         # None: not registered yet; the first write takes the run over (write_initial=False).
         self._epoch = epoch
         self._app_version = app_version
         self._owner = owner
 
+        self._state = _State.OPEN
+        self._fenced: CheckpointFencedError | None = None
         self._lock = asyncio.Lock()
         self._seq = 0
         self._latest: _Snapshot | None = None
         self._written_seq = 0
-        # The transcript as last written: a save that extends it only appends (delta write),
-        # on stores that take the hint (a host's own store may implement plain save()).
-        self._stored: tuple[JSONValue, ...] | None = None
-        self._delta = _accepts_base_count(store)
-        self._validated_count = 0
+        self._transcript = Transcript(meta.run_id)
+        if epoch is not None:
+            # The row was registered (begin): a fresh run holds no transcript yet.
+            self._transcript.mark_empty()
+        self._validated_identity = False
         self._last_write: float | None = None
-        self._finalized = False
-        self._deleted = False
-        self._fenced: CheckpointFencedError | None = None
         self._timer: asyncio.Task[None] | None = None
         self._writes: set[asyncio.Task[None]] = set()
 
@@ -136,15 +173,19 @@ class StoreCheckpointer:
     async def save(self, state: RunCheckpointState) -> None:
         """Persist ``state``, now or at the end of the throttle window.
 
+        The state is validated here, with the store's rules, even when its write is deferred
+        by the throttle: a bad state is refused at once and the previous one stands.
+
         Raises:
-            CheckpointSerializationError: the new messages are not JSON-compatible (nothing
-                is kept; the previous state stands).
+            CheckpointError: the state cannot be stored (not a sequence of messages, a bad
+                iteration or phase list, identity text the store refuses).
+            CheckpointSerializationError: the new messages are not JSON-compatible.
             CheckpointFencedError: the run was taken over by a newer writer.
             StoreUnavailableError: the write failed; the next save is not throttled.
         """
         if self._fenced is not None:
             raise self._fenced
-        if self._finalized:
+        if self._state is not _State.OPEN:
             return
         snap = self._snapshot(state)
         self._latest = snap
@@ -167,7 +208,7 @@ class StoreCheckpointer:
         """
         if self._fenced is not None:
             raise self._fenced
-        if self._deleted or self._latest is None or not self.pending:
+        if self._state is _State.DELETED or self._latest is None or not self.pending:
             return
         await self._write_through(self._latest.seq)
 
@@ -185,33 +226,27 @@ class StoreCheckpointer:
         The stored checkpoint stays as last written (what a shutdown leaves for recovery).
         Call :meth:`flush` first to write a pending state.
         """
-        self._finalized = True
+        self._close()
         await self._cancel_timer()
         if self._writes:
             await asyncio.wait(set(self._writes))
 
     # -- internals -----------------------------------------------------------------------
 
+    def _close(self) -> None:
+        if self._state is _State.OPEN:
+            self._state = _State.CLOSED
+
     def _snapshot(self, state: RunCheckpointState) -> _Snapshot:
-        messages = tuple(state.messages)
-        phases = tuple(state.completed_phases)
-        if isinstance(state.completed_phases, str) or not all(isinstance(p, str) for p in phases):
-            raise CheckpointError(
-                f"completed_phases of run {self.run_id!r} must be a sequence of str",
-                run_id=self.run_id,
-            )
-        if not isinstance(state.iteration, int) or isinstance(state.iteration, bool):
-            raise CheckpointError(
-                f"iteration of run {self.run_id!r} must be an int", run_id=self.run_id
-            )
-        # Validate only what is new (the usual append); a shorter transcript is re-checked whole.
-        # The encodings are kept: when this state is appended as is, the store writes them
-        # instead of encoding the messages again (serialization once per message).
-        start = self._validated_count if len(messages) >= self._validated_count else 0
-        encoded = tuple(codec.encode(m, run_id=self.run_id) for m in messages[start:])
-        self._validated_count = len(messages)
+        run_id = self.run_id
+        if not self._validated_identity:
+            check_identity(self._meta, self._app_version, self._owner)
+            self._validated_identity = True
+        check_progress(run_id, state.iteration, state.completed_phases)
+        messages = check_messages(run_id, state.messages)
+        transcript = self._transcript.snapshot(messages)  # type: ignore[arg-type]
         self._seq += 1
-        return _Snapshot(self._seq, messages, state.iteration, phases, start, encoded)
+        return _Snapshot(self._seq, transcript, state.iteration, tuple(state.completed_phases))
 
     async def _write_through(self, seq: int) -> None:
         """Make sure state ``seq`` (or a newer one) is written; finishes even if cancelled."""
@@ -232,7 +267,7 @@ class StoreCheckpointer:
     async def _locked_write(self, seq: int) -> None:
         async with self._lock:
             latest = self._latest
-            if self._written_seq >= seq or latest is None or self._deleted:
+            if self._written_seq >= seq or latest is None or self._state is _State.DELETED:
                 return
             if self._fenced is not None:
                 raise self._fenced
@@ -242,21 +277,22 @@ class StoreCheckpointer:
         started = self._clock()
         if self._epoch is None:
             self._epoch = await self._store.register(self._checkpoint(snap, 0))
+            self._transcript.mark_empty()
         checkpoint = self._checkpoint(snap, self._epoch)
-        base = _shared_prefix(self._stored, snap.messages) if self._delta else None
+        transcript = snap.transcript
+        base = self._transcript.base_of(transcript) if self._appending else None
         try:
             if base is None:
                 await self._store.save(checkpoint)
             else:
-                # Our stores' delta hints (not part of the CheckpointStore protocol).
-                save: Callable[..., Awaitable[None]] = self._store.save
-                if base == snap.encoded_from:
-                    await save(checkpoint, base_count=base, encoded_tail=snap.encoded)
-                else:
-                    await save(checkpoint, base_count=base)
+                assert isinstance(self._store, AppendingStore)
+                own = base == transcript.encoded_from
+                await self._store.append(
+                    checkpoint, base_count=base, encoded_tail=transcript.encoded if own else None
+                )
         except CheckpointFencedError as exc:
             self._fenced = exc
-            self._finalized = True
+            self._state = _State.FENCED
             logger.warning(
                 "run %s was taken over by a newer writer; this checkpointer stops writing",
                 self.run_id,
@@ -264,14 +300,14 @@ class StoreCheckpointer:
             )
             raise
         self._written_seq = max(self._written_seq, snap.seq)
-        self._stored = snap.messages
+        self._transcript.written(transcript)
         if self._last_write is None or started > self._last_write:
             self._last_write = started
 
     def _checkpoint(self, snap: _Snapshot, epoch: int) -> RunCheckpoint:
         return RunCheckpoint(
             meta=self._meta,
-            messages=snap.messages,
+            messages=snap.transcript.messages,
             iteration=snap.iteration,
             completed_phases=snap.completed_phases,
             updated_at=utcnow(),
@@ -287,27 +323,36 @@ class StoreCheckpointer:
             )
 
     async def _trailing_flush(self) -> None:
-        """Owned by this checkpointer: write the newest throttled state when the window ends."""
-        while not self._finalized and self._latest is not None and self.pending:
+        """Owned by this checkpointer: write the newest throttled state when the window ends.
+
+        A failed write is retried with a backoff that doubles from ``throttle`` (at least
+        0.1 s) up to :data:`MAX_RETRY_DELAY` seconds, until the state is written, the run is
+        finalized or closed, or it is fenced.
+        """
+        failures = 0
+        while self._state is _State.OPEN and self._latest is not None and self.pending:
             last = self._last_write if self._last_write is not None else -math.inf
             delay = last + self._throttle - self._clock()
             if delay > 0:
-                await self._sleep(delay)
+                await self._clock.sleep(delay)
                 continue
             try:
                 # Shielded: cancelling the timer (complete/aclose) never interrupts a write.
                 await self._write_through(self._latest.seq)
+                failures = 0
             except CheckpointFencedError:
                 return
             except CheckpointError as exc:
+                backoff = min(MAX_RETRY_DELAY, max(self._throttle, 0.1) * 2**failures)
+                failures += 1
                 logger.warning(
                     "trailing flush of run %s failed, retrying in %.1fs: %s",
                     self.run_id,
-                    self._throttle,
+                    backoff,
                     exc,
                     extra={"action": "trailing_flush_failed", "run_id": self.run_id},
                 )
-                await self._sleep(self._throttle)
+                await self._clock.sleep(backoff)
 
     async def _cancel_timer(self) -> None:
         timer, self._timer = self._timer, None
@@ -325,14 +370,15 @@ class StoreCheckpointer:
                 raise
 
     async def _finalize(self, outcome: str, error: BaseException | None) -> None:
-        self._finalized = True
+        self._close()
         await self._cancel_timer()
         async with self._lock:  # after any in-flight write
-            if self._deleted:
+            if self._state is _State.DELETED:
                 return
-            epoch = self._epoch
-            await self._store.delete(self.run_id, epoch=epoch)
-            self._deleted = True
+            if self._state is _State.FENCED:
+                return  # the run is another writer's now: leave its checkpoint alone
+            await self._store.delete(self.run_id, epoch=self._epoch)
+            self._state = _State.DELETED
         logger.info(
             "run %s %s: checkpoint deleted",
             self.run_id,
@@ -346,33 +392,6 @@ class StoreCheckpointer:
 
     def __repr__(self) -> str:
         return f"StoreCheckpointer(run_id={self.run_id!r}, throttle={self._throttle})"
-
-
-def _accepts_base_count(store: CheckpointStore) -> bool:
-    try:
-        params = inspect.signature(store.save).parameters
-    except (TypeError, ValueError):
-        return False
-    return ("base_count" in params and "encoded_tail" in params) or any(
-        p.kind is p.VAR_KEYWORD for p in params.values()
-    )
-
-
-def _shared_prefix(
-    stored: tuple[JSONValue, ...] | None, messages: tuple[JSONValue, ...]
-) -> int | None:
-    """``len(stored)`` if ``messages`` extends ``stored``, else None (write in full).
-
-    Identity first: an append-only host hands the same message objects again, so this is a
-    pointer comparison per message, no encoding and no database work. Messages must not be
-    mutated in place after they were saved (see :class:`RunCheckpointState`).
-    """
-    if not stored or len(messages) < len(stored):
-        return None
-    for old, new in zip(stored, messages, strict=False):
-        if old is not new and old != new:
-            return None
-    return len(stored)
 
 
 def new_checkpointer(
@@ -440,7 +459,7 @@ class StoreCheckpointerFactory:
         executor_id: str | None = None,
         app_version: str | None = None,
         write_initial: bool = True,
-        clock: Clock | None = None,
+        clock: Clock | Callable[[], float] | None = None,
         sleep: Sleep | None = None,
     ) -> None:
         self._store = store

@@ -51,6 +51,18 @@ def decode(data: bytes | str) -> JSONValue:
     return cast(JSONValue, orjson.loads(data))
 
 
+def encode_messages(messages: Sequence[object], run_id: str | None = None) -> list[bytes]:
+    """Encode each message once (a transcript is stored one row per message)."""
+    return [encode(m, run_id=run_id) for m in messages]
+
+
+def decode_messages(rows: Sequence[bytes]) -> list[JSONValue]:
+    """Decode stored message rows in one pass."""
+    if not rows:
+        return []
+    return cast(list[JSONValue], orjson.loads(b"[" + b",".join(rows) + b"]"))
+
+
 def _reject_altered(value: object, run_id: str | None) -> None:
     stack = [value]
     while stack:

@@ -8,7 +8,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from .checkpointer import NoopCheckpointer, StoreCheckpointer
+from .checkpointer import NoopCheckpointer
 from .config import DEFAULT_SHUTDOWN_FLUSH_TIMEOUT
 from .errors import ShutdownError
 from .protocols import Checkpointer, CheckpointerFactory
@@ -128,9 +128,8 @@ async def _finalize(
                 async with asyncio.timeout_at(deadline):
                     await checkpointer.flush()
             finally:
-                if isinstance(checkpointer, StoreCheckpointer):
-                    async with asyncio.timeout_at(deadline):
-                        await checkpointer.aclose()
+                async with asyncio.timeout_at(deadline):
+                    await checkpointer.aclose()
             logger.info(
                 "run %s shut down: checkpoint kept for recovery",
                 run_id,

@@ -1,4 +1,8 @@
-"""Schema migrations (alembic) from code: ``await migrate(url)``, and the revision check."""
+"""Schema migrations (alembic) from code: ``await migrate(url)``, and the revision check.
+
+alembic is imported only when a migration runs: reading the stored revision (every store does
+it once) is a plain Core query, so ``import executus_ckpt`` does not load alembic.
+"""
 
 from __future__ import annotations
 
@@ -6,20 +10,32 @@ import logging
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
-from sqlalchemy import Connection
+from sqlalchemy import Column, Connection, MetaData, String, Table, inspect, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from .config import VERSION_TABLE
-from .errors import CheckpointError, SchemaOutOfDateError
+from .errors import SchemaOutOfDateError
 from .schema import REQUIRED_REVISION
-from .stores.sql import DRIVER_ERRORS, map_driver_error, preflight, sqlite_file_missing
+from .stores._engine import (
+    WRITE_OPTIONS,
+    configure_sqlite,
+    create_engine,
+    preflight,
+    sqlite_file_missing,
+)
+from .stores._errors import mapped_errors, safe_url
+
+if TYPE_CHECKING:
+    from alembic.config import Config
 
 logger = logging.getLogger(__name__)
+
+_version_table = Table(VERSION_TABLE, MetaData(), Column("version_num", String(32)))
+"""alembic's version table, read with Core (kept apart from ``schema.metadata``)."""
+
+_MIGRATION_LOCK = 0x65786563_636B7074  # "execckpt": PostgreSQL advisory lock key
 
 
 def script_location() -> str:
@@ -45,18 +61,13 @@ def script_location() -> str:
 
 def alembic_config(url: str | None = None) -> Config:
     """An alembic :class:`Config` for our scripts (no ini file needed)."""
+    from alembic.config import Config
+
     cfg = Config()
     cfg.set_main_option("script_location", script_location())
     if url is not None:
         cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     return cfg
-
-
-def head_revision() -> str:
-    """The newest revision among the shipped migration scripts."""
-    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
-    assert head is not None
-    return head
 
 
 async def migrate(url_or_engine: str | AsyncEngine, revision: str = "head") -> None:
@@ -65,10 +76,15 @@ async def migrate(url_or_engine: str | AsyncEngine, revision: str = "head") -> N
     Runs the migrations that ship with the package, so it works from an installed wheel. The
     version table is ``executus_ckpt_alembic_version``: a host's own alembic history is left
     alone. An engine passed in is borrowed (left open); a URL gets a temporary engine.
+    Concurrent calls against one PostgreSQL database (replicas migrating at boot) are
+    serialized by an advisory lock; on SQLite by the write lock.
 
     Args:
         url_or_engine: ``sqlite+aiosqlite:///...`` / ``postgresql+asyncpg://...`` or an engine.
         revision: target revision; ``"head"`` (default), a revision id, or ``"base"``.
+
+    Raises:
+        StoreUnavailableError: the database could not be reached or failed.
     """
     await run_with_connection(url_or_engine, _run, alembic_config(), revision)
 
@@ -81,30 +97,30 @@ async def run_with_connection(
     The connection is set up as the store sets up its own (SQLite pragmas, ``BEGIN
     IMMEDIATE``), so migrating a live SQLite file waits for writers instead of failing.
     """
-    from .stores.sql import SQLCheckpointStore
-
-    if isinstance(url_or_engine, str):
-        store = SQLCheckpointStore.from_url(url_or_engine)
-    else:
-        store = SQLCheckpointStore(url_or_engine)
+    owned = isinstance(url_or_engine, str)
+    engine = create_engine(url_or_engine) if isinstance(url_or_engine, str) else url_or_engine
     try:
-        store.preflight()
-        async with store.write_engine.connect() as conn:
-            await conn.run_sync(fn, *args)
-            await conn.commit()
-    except CheckpointError:
-        raise
-    except DRIVER_ERRORS as exc:
-        raise map_driver_error(store.engine, "migrating", None, exc) from exc
+        preflight(engine)
+        configure_sqlite(engine)
+        with mapped_errors(engine.url, "migrating"):
+            async with engine.execution_options(**WRITE_OPTIONS).connect() as conn:
+                if conn.dialect.name == "postgresql":
+                    await conn.execute(
+                        text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK}
+                    )
+                await conn.run_sync(fn, *args)
+                await conn.commit()
     finally:
-        await store.aclose()
+        if owned:
+            await engine.dispose()
 
 
 def _run(connection: Connection, cfg: Config, revision: str) -> None:
+    from alembic import command
+    from alembic.script import ScriptDirectory
+
     cfg.attributes["connection"] = connection
-    current = MigrationContext.configure(
-        connection, opts={"version_table": VERSION_TABLE}
-    ).get_current_revision()
+    current = _read_revision(connection)
     script = ScriptDirectory.from_config(cfg)
     target = script.get_current_head() if revision == "head" else revision
     if revision == "base" or (
@@ -120,6 +136,12 @@ def _run(connection: Connection, cfg: Config, revision: str) -> None:
         command.upgrade(cfg, revision)
 
 
+def _read_revision(connection: Connection) -> str | None:
+    if not inspect(connection).has_table(VERSION_TABLE):
+        return None
+    return connection.execute(select(_version_table.c.version_num)).scalar()
+
+
 async def current_revision(engine: AsyncEngine) -> str | None:
     """The schema revision stored in the database, or ``None`` if never migrated.
 
@@ -129,16 +151,9 @@ async def current_revision(engine: AsyncEngine) -> str | None:
     preflight(engine)
     if sqlite_file_missing(engine):
         return None  # no file, no schema: do not create an empty file just to look
-    try:
+    with mapped_errors(engine.url, "reading the schema revision"):
         async with engine.connect() as conn:
-            return await conn.run_sync(_current)
-    except DRIVER_ERRORS as exc:
-        raise map_driver_error(engine, "reading the schema revision", None, exc) from exc
-
-
-def _current(connection: Connection) -> str | None:
-    ctx = MigrationContext.configure(connection, opts={"version_table": VERSION_TABLE})
-    return ctx.get_current_revision()
+            return await conn.run_sync(_read_revision)
 
 
 async def check_schema_revision(engine: AsyncEngine) -> None:
@@ -146,7 +161,7 @@ async def check_schema_revision(engine: AsyncEngine) -> None:
     found = await current_revision(engine)
     if found == REQUIRED_REVISION:
         return
-    url = engine.url.render_as_string(hide_password=True)
+    url = safe_url(engine.url)
     command = f"executus-ckpt migrate --url '{url}'"
     state = "has no executus_ckpt schema" if found is None else f"is at schema revision {found}"
     raise SchemaOutOfDateError(

@@ -5,86 +5,47 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import cast
+from typing import Any
 
 from .. import codec
+from .._validation import check_header, check_size, check_text, clean_text
 from ..config import DEFAULT_MAX_CHECKPOINT_BYTES
 from ..errors import CheckpointFencedError
 from ..types import (
     CheckpointStats,
     CheckpointStatus,
     CheckpointSummary,
-    JSONValue,
     RunCheckpoint,
-    RunCheckpointMeta,
     utcnow,
 )
-from ._common import (
-    as_utc,
-    check_header,
-    check_size,
-    check_text,
-    clean_text,
-    cutoff,
-    encode_messages,
-    join_messages,
-    tail_encodings,
-    valid_base,
-)
+from . import _rows
+from ._rows import appended_tail, as_utc, cutoff, valid_base
 
 
 @dataclass(slots=True)
 class _Row:
-    meta: RunCheckpointMeta
-    iteration: int
-    completed_phases: bytes
-    created_at: datetime
-    updated_at: datetime
-    attempts: int
-    status: CheckpointStatus
-    last_error: str | None
-    app_version: str | None
-    owner: str | None
-    epoch: int
+    """One stored run: its header as the SQL store's columns hold it, and its messages."""
+
+    values: dict[str, Any]
     messages: list[bytes] = field(default_factory=list)
-    size_bytes: int = 0
 
     @classmethod
     def initial(cls, checkpoint: RunCheckpoint, phases: bytes) -> _Row:
         """A new row from a checkpoint's header (messages are set by the caller)."""
-        return cls(
-            meta=checkpoint.meta,
-            iteration=checkpoint.iteration,
-            completed_phases=phases,
-            created_at=as_utc(checkpoint.created_at),
-            updated_at=as_utc(checkpoint.updated_at),
-            attempts=checkpoint.attempts,
-            status=CheckpointStatus(checkpoint.status),
-            last_error=checkpoint.last_error,
-            app_version=checkpoint.app_version,
-            owner=checkpoint.owner,
-            epoch=checkpoint.epoch,
-        )
+        values = _rows.values_of(checkpoint, completed_phases=phases)
+        return cls({**values, "message_count": 0, "size_bytes": 0})
+
+    def __getitem__(self, name: str) -> Any:
+        return self.values[name]
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        self.values[name] = value
 
     def summary(self) -> CheckpointSummary:
-        return CheckpointSummary(
-            meta=self.meta,
-            iteration=self.iteration,
-            completed_phases=cast(Sequence[str], codec.decode(self.completed_phases)),
-            message_count=len(self.messages),
-            size_bytes=self.size_bytes,
-            created_at=self.created_at,
-            updated_at=self.updated_at,
-            attempts=self.attempts,
-            status=self.status,
-            last_error=self.last_error,
-            app_version=self.app_version,
-            owner=self.owner,
-            epoch=self.epoch,
-        )
+        return _rows.summary_of(self.values)
 
     def checkpoint(self) -> RunCheckpoint:
-        return self.summary().with_messages(cast(Sequence[JSONValue], join_messages(self.messages)))
+        return _rows.checkpoint_of(self.values, self.messages)
 
 
 class InMemoryCheckpointStore:
@@ -99,45 +60,58 @@ class InMemoryCheckpointStore:
         self._rows: dict[str, _Row] = {}
         self._max_bytes = max_checkpoint_bytes
 
-    async def save(
+    async def save(self, checkpoint: RunCheckpoint) -> None:
+        phases = check_header(checkpoint)
+        encoded = codec.encode_messages(checkpoint.messages, checkpoint.meta.run_id)
+        self._store(checkpoint, phases, encoded, sum(map(len, encoded)))
+
+    async def append(
         self,
         checkpoint: RunCheckpoint,
         *,
-        base_count: int | None = None,
+        base_count: int,
         encoded_tail: Sequence[bytes] | None = None,
     ) -> None:
-        run_id = checkpoint.meta.run_id
+        """As :meth:`save`, encoding only the messages after ``base_count`` when the stored
+        transcript has that length (see :class:`AppendingStore`)."""
         phases = check_header(checkpoint)
+        run_id = checkpoint.meta.run_id
         messages = checkpoint.messages
         base = valid_base(base_count, messages)
         row = self._rows.get(run_id)
-        if row is not None and row.epoch > checkpoint.epoch:
+        if row is None or base is None or len(row.messages) != base:
+            return await self.save(checkpoint)
+        self._check_epoch(row, checkpoint)
+        tail = appended_tail(messages, base, encoded_tail, run_id)
+        self._store(
+            checkpoint, phases, row.messages + tail, row["size_bytes"] + sum(map(len, tail))
+        )
+
+    @staticmethod
+    def _check_epoch(row: _Row, checkpoint: RunCheckpoint) -> None:
+        if row["epoch"] > checkpoint.epoch:
             raise CheckpointFencedError(
-                f"run {run_id!r} was taken over (epoch {row.epoch} > {checkpoint.epoch}); "
-                "this writer is stale",
-                run_id=run_id,
+                f"run {checkpoint.meta.run_id!r} was taken over (epoch {row['epoch']} > "
+                f"{checkpoint.epoch}); this writer is stale",
+                run_id=checkpoint.meta.run_id,
                 epoch=checkpoint.epoch,
             )
-        if row is not None and base is not None and len(row.messages) == base:
-            tail = tail_encodings(messages, base, encoded_tail, run_id)
-            size = row.size_bytes + sum(map(len, tail))
-            check_size(run_id, size, self._max_bytes)
-            encoded = row.messages + tail
-        else:
-            encoded = encode_messages(messages, run_id)
-            size = sum(map(len, encoded))
-            check_size(run_id, size, self._max_bytes)
+
+    def _store(
+        self, checkpoint: RunCheckpoint, phases: bytes, encoded: list[bytes], size: int
+    ) -> None:
+        run_id = checkpoint.meta.run_id
+        row = self._rows.get(run_id)
+        if row is not None:
+            self._check_epoch(row, checkpoint)
+        check_size(run_id, size, self._max_bytes)
         if row is None:
             row = self._rows[run_id] = _Row.initial(checkpoint, phases)
-        row.meta = checkpoint.meta
-        row.iteration = checkpoint.iteration
-        row.completed_phases = phases
-        row.updated_at = as_utc(checkpoint.updated_at)
-        row.app_version = checkpoint.app_version
-        row.owner = checkpoint.owner
-        row.epoch = checkpoint.epoch
+        values = _rows.values_of(checkpoint, completed_phases=phases)
+        row.values.update({name: values[name] for name in _rows.SAVED if name in values})
         row.messages = encoded
-        row.size_bytes = size
+        row["message_count"] = len(encoded)
+        row["size_bytes"] = size
 
     async def register(self, checkpoint: RunCheckpoint) -> int:
         phases = check_header(checkpoint)
@@ -145,12 +119,11 @@ class InMemoryCheckpointStore:
         if row is None:
             self._rows[checkpoint.meta.run_id] = _Row.initial(checkpoint, phases)
             return checkpoint.epoch
-        row.meta = checkpoint.meta
-        row.app_version = checkpoint.app_version
-        row.owner = checkpoint.owner
-        row.updated_at = utcnow()
-        row.epoch += 1
-        return row.epoch
+        values = _rows.values_of(checkpoint, completed_phases=phases)
+        row.values.update({name: values[name] for name in _rows.TAKEN_OVER})
+        row["updated_at"] = utcnow()
+        row["epoch"] += 1
+        return int(row["epoch"])
 
     async def load(self, run_id: str) -> RunCheckpoint | None:
         row = self._rows.get(run_id)
@@ -158,7 +131,7 @@ class InMemoryCheckpointStore:
 
     async def delete(self, run_id: str, *, epoch: int | None = None) -> bool:
         row = self._rows.get(run_id)
-        if row is None or (epoch is not None and row.epoch > epoch):
+        if row is None or (epoch is not None and row["epoch"] > epoch):
             return False
         del self._rows[run_id]
         return True
@@ -174,11 +147,11 @@ class InMemoryCheckpointStore:
         rows = [
             r
             for r in self._rows.values()
-            if (status is None or r.status == status)
-            and (agent_id is None or r.meta.agent_id == agent_id)
-            and (bound is None or r.updated_at <= bound)
+            if (status is None or r["status"] == status)
+            and (agent_id is None or r["agent_id"] == agent_id)
+            and (bound is None or r["updated_at"] <= bound)
         ]
-        rows.sort(key=lambda r: (r.updated_at, r.meta.run_id), reverse=newest_first)
+        rows.sort(key=lambda r: (r["updated_at"], r["run_id"]), reverse=newest_first)
         return rows
 
     async def list_interrupted(
@@ -203,7 +176,7 @@ class InMemoryCheckpointStore:
     ) -> AsyncIterator[CheckpointSummary]:
         rows = self._select(status, agent_id, older_than, newest_first)
         if updated_before is not None:
-            rows = [r for r in rows if r.updated_at < as_utc(updated_before)]
+            rows = [r for r in rows if r["updated_at"] < as_utc(updated_before)]
         # Snapshot first, as a database page would be: later changes are not seen.
         for summary in [row.summary() for row in rows[:limit]]:
             yield summary
@@ -213,36 +186,36 @@ class InMemoryCheckpointStore:
     ) -> RunCheckpoint | None:
         check_text("owner", owner, run_id)
         row = self._rows.get(run_id)
-        if row is None or row.status != CheckpointStatus.ACTIVE or row.epoch != epoch:
+        if row is None or row["status"] != CheckpointStatus.ACTIVE or row["epoch"] != epoch:
             return None
-        row.attempts += 1
-        row.epoch += 1
-        row.owner = owner
-        row.updated_at = utcnow()
+        row["attempts"] += 1
+        row["epoch"] += 1
+        row["owner"] = owner
+        row["updated_at"] = utcnow()
         return row.checkpoint()
 
     async def mark_dead(self, run_id: str, *, reason: str, epoch: int | None = None) -> bool:
         row = self._rows.get(run_id)
-        if row is None or (epoch is not None and row.epoch > epoch):
+        if row is None or (epoch is not None and row["epoch"] > epoch):
             return False
-        row.status = CheckpointStatus.DEAD
-        row.last_error = clean_text(reason)
+        row["status"] = str(CheckpointStatus.DEAD)
+        row["last_error"] = clean_text(reason)
         return True
 
     async def record_error(self, run_id: str, error: str) -> bool:
         row = self._rows.get(run_id)
         if row is None:
             return False
-        row.last_error = clean_text(error)
+        row["last_error"] = clean_text(error)
         return True
 
     async def requeue(self, run_id: str) -> bool:
         """Make a dead run recoverable again (status active, attempts 0); True if it was dead."""
         row = self._rows.get(run_id)
-        if row is None or row.status != CheckpointStatus.DEAD:
+        if row is None or row["status"] != CheckpointStatus.DEAD:
             return False
-        row.status = CheckpointStatus.ACTIVE
-        row.attempts = 0
+        row["status"] = str(CheckpointStatus.ACTIVE)
+        row["attempts"] = 0
         return True
 
     async def purge(
@@ -255,7 +228,7 @@ class InMemoryCheckpointStore:
         on_progress: Callable[[int], None] | None = None,
     ) -> int:
         """Delete checkpoints not updated for ``older_than`` seconds; returns how many."""
-        doomed = [r.meta.run_id for r in self._select(status, None, older_than, False)]
+        doomed = [r["run_id"] for r in self._select(status, None, older_than, False)]
         if dry_run:
             return len(doomed)
         # Batches as the SQL store runs them: progress after each batch that deleted rows.
@@ -272,25 +245,25 @@ class InMemoryCheckpointStore:
         by_status: dict[str, int] = {}
         by_agent: dict[str, int] = {}
         for r in rows:
-            by_status[str(r.status)] = by_status.get(str(r.status), 0) + 1
-            by_agent[r.meta.agent_id or ""] = by_agent.get(r.meta.agent_id or "", 0) + 1
+            by_status[str(r["status"])] = by_status.get(str(r["status"]), 0) + 1
+            by_agent[r["agent_id"] or ""] = by_agent.get(r["agent_id"] or "", 0) + 1
         # The same tie-break as SQL: largest size, then the smallest run id.
-        largest = min(rows, key=lambda r: (-r.size_bytes, r.meta.run_id), default=None)
+        largest = min(rows, key=lambda r: (-r["size_bytes"], r["run_id"]), default=None)
         active = self._select(CheckpointStatus.ACTIVE, None, None, False)
         return CheckpointStats(
             total=len(rows),
             by_status=by_status,
             by_agent=by_agent,
-            total_size_bytes=sum(r.size_bytes for r in rows),
-            largest_size_bytes=largest.size_bytes if largest else 0,
-            largest_run_id=largest.meta.run_id if largest else None,
-            oldest_interrupted_run_id=active[0].meta.run_id if active else None,
-            oldest_interrupted_at=active[0].updated_at if active else None,
+            total_size_bytes=sum(r["size_bytes"] for r in rows),
+            largest_size_bytes=largest["size_bytes"] if largest else 0,
+            largest_run_id=largest["run_id"] if largest else None,
+            oldest_interrupted_run_id=active[0]["run_id"] if active else None,
+            oldest_interrupted_at=active[0]["updated_at"] if active else None,
         )
 
     async def count(self, *, status: CheckpointStatus | None = None) -> int:
         """How many checkpoints are stored (with ``status``, only those)."""
-        return sum(1 for r in self._rows.values() if status is None or r.status == status)
+        return sum(1 for r in self._rows.values() if status is None or r["status"] == status)
 
     def __repr__(self) -> str:
         return f"InMemoryCheckpointStore(runs={len(self._rows)})"

@@ -1,244 +1,56 @@
-"""SQLCheckpointStore: checkpoints in SQLite (aiosqlite) or PostgreSQL (asyncpg), via Core."""
+"""SQLCheckpointStore: checkpoints in SQLite (aiosqlite) or PostgreSQL (asyncpg), via Core.
+
+This module owns the Core statements every backend shares; ``_sqlite``/``_postgres`` own how
+a write transaction runs and how the save hot path reaches the driver (``_backend.Backend``),
+``_rows`` the row ↔ value conversion and ``_errors`` the mapping of driver errors.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import sqlite3
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
-from typing import Any, Literal, TypeVar, cast
+from typing import Any
 
 from sqlalchemy import and_, func, select, tuple_
-from sqlalchemy import exc as sa_exc
-from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from .. import codec
+from .._validation import (
+    check_header,
+    check_size,
+    check_text,
+    clean_text,
+    is_storable_id,
+)
 from ..config import (
     DEFAULT_MAX_CHECKPOINT_BYTES,
     DEFAULT_PAGE_SIZE,
     DEFAULT_SQLITE_BUSY_TIMEOUT,
 )
-from ..errors import (
-    CheckpointError,
-    CheckpointFencedError,
-    StoreUnavailableError,
+from ..errors import CheckpointFencedError
+from ..schema import run_checkpoint_messages as messages
+from ..schema import run_checkpoints as header
+from ..types import CheckpointStats, CheckpointStatus, CheckpointSummary, RunCheckpoint, utcnow
+from . import _rows
+from ._backend import Append, Backend, Operation, T
+from ._engine import (
+    SQLiteSynchronous,
+    configure_sqlite,
+    create_engine,
+    dialect_of,
+    preflight,
 )
-from ..schema import run_checkpoint_messages as m
-from ..schema import run_checkpoints as t
-from ..types import (
-    CheckpointStats,
-    CheckpointStatus,
-    CheckpointSummary,
-    JSONValue,
-    RunCheckpoint,
-    RunCheckpointMeta,
-    utcnow,
-)
-from ._common import (
-    as_utc,
-    check_header,
-    check_size,
-    check_text,
-    clean_text,
-    cutoff,
-    encode_messages,
-    is_storable_id,
-    join_messages,
-    tail_encodings,
-    valid_base,
-)
-from ._dialect import insert_for, install_sqlite_hooks, write_options
-from ._fastpath import META as _FAST_META
-from ._fastpath import Append, PostgresAppendBatcher, append_sqlite
-from ._group import GroupCommitter, Operation
+from ._errors import mapped_errors, safe_url
+from ._postgres import PostgresBackend
+from ._sqlite import SQLiteBackend
 
 logger = logging.getLogger(__name__)
 
-T = TypeVar("T")
-
-SQLiteSynchronous = Literal["FULL", "NORMAL", "EXTRA"]
-
-_META_COLUMNS = (
-    t.c.agent_id,
-    t.c.agent_name,
-    t.c.caller_id,
-    t.c.channel_id,
-    t.c.guild_id,
-    t.c.prompt,
-    t.c.model_tier,
-    t.c.parent_run_id,
-)
-_SUMMARY_COLUMNS = (
-    t.c.run_id,
-    *_META_COLUMNS,
-    t.c.message_count,
-    t.c.size_bytes,
-    t.c.iteration,
-    t.c.completed_phases,
-    t.c.status,
-    t.c.attempts,
-    t.c.last_error,
-    t.c.app_version,
-    t.c.owner,
-    t.c.epoch,
-    t.c.created_at,
-    t.c.updated_at,
-)
-
-
-def _meta_values(meta: RunCheckpointMeta) -> dict[str, Any]:
-    return {
-        "agent_id": meta.agent_id,
-        "agent_name": meta.agent_name,
-        "caller_id": meta.caller_id,
-        "channel_id": meta.channel_id,
-        "guild_id": meta.guild_id,
-        "prompt": meta.prompt,
-        "model_tier": meta.model_tier,
-        "parent_run_id": meta.parent_run_id,
-    }
-
-
-def _meta_of(row: Any) -> RunCheckpointMeta:
-    return RunCheckpointMeta(
-        run_id=row.run_id,
-        agent_id=row.agent_id,
-        agent_name=row.agent_name,
-        caller_id=row.caller_id,
-        channel_id=row.channel_id,
-        guild_id=row.guild_id,
-        prompt=row.prompt,
-        model_tier=row.model_tier,
-        parent_run_id=row.parent_run_id,
-    )
-
-
-def _summary_of(row: Any) -> CheckpointSummary:
-    return CheckpointSummary(
-        meta=_meta_of(row),
-        iteration=row.iteration,
-        completed_phases=cast(Sequence[str], codec.decode(row.completed_phases)),
-        message_count=row.message_count,
-        size_bytes=row.size_bytes,
-        created_at=row.created_at,
-        updated_at=row.updated_at,
-        attempts=row.attempts,
-        status=CheckpointStatus(row.status),
-        last_error=row.last_error,
-        app_version=row.app_version,
-        owner=row.owner,
-        epoch=row.epoch,
-    )
-
-
-def _checkpoint_of(row: Any, messages: Sequence[bytes]) -> RunCheckpoint:
-    return _summary_of(row).with_messages(cast(Sequence[JSONValue], join_messages(messages)))
-
-
-def _raw_driver_errors() -> tuple[type[BaseException], ...]:
-    """Errors of the drivers themselves, raised on the raw fast path (asyncpg is optional)."""
-    errors: list[type[BaseException]] = [sqlite3.Error]
-    try:
-        import asyncpg  # type: ignore[import-untyped]
-    except ImportError:  # pragma: no cover - the postgres extra is not installed
-        pass
-    else:
-        errors += [asyncpg.PostgresError, asyncpg.InterfaceError]
-    return tuple(errors)
-
-
-DRIVER_ERRORS: tuple[type[BaseException], ...] = (
-    sa_exc.DBAPIError,
-    OSError,
-    TimeoutError,
-    UnicodeError,
-    OverflowError,
-    *_raw_driver_errors(),
-)
-
-
-def _driver_error(exc: BaseException) -> BaseException:
-    """The driver's own exception under SQLAlchemy's (and its adapter's) wrappers."""
-    inner = exc.orig if isinstance(exc, sa_exc.DBAPIError) and exc.orig is not None else exc
-    return (
-        inner.__cause__ if getattr(inner, "sqlstate", None) is None and inner.__cause__ else inner
-    )
-
-
-def _is_bad_data(exc: BaseException) -> bool:
-    if isinstance(
-        exc,
-        UnicodeError
-        | OverflowError
-        | sa_exc.DataError
-        | sa_exc.IntegrityError
-        | sqlite3.DataError
-        | sqlite3.IntegrityError,
-    ):
-        return True
-    sqlstate = getattr(_driver_error(exc), "sqlstate", None)
-    # SQLSTATE class 22: data exception; 23: integrity constraint violation.
-    return isinstance(sqlstate, str) and sqlstate[:2] in ("22", "23")
-
-
-def _describe(exc: BaseException) -> str:
-    inner = _driver_error(exc)
-    return f"{type(inner).__name__}: {inner}"
-
-
-def sqlite_file_missing(engine: AsyncEngine) -> bool:
-    """True for a SQLite file database that does not exist yet (connecting would create it)."""
-    database = engine.url.database
-    if engine.dialect.name != "sqlite" or not database or database == ":memory:":
-        return False
-    if database.startswith("file:"):
-        return False
-    return not os.path.exists(database)
-
-
-def preflight(engine: AsyncEngine) -> None:
-    """Refuse a SQLite file whose directory does not exist, before connecting.
-
-    aiosqlite's worker thread outlives a failed connect and can crash on a closed loop
-    (omnilib/aiosqlite#241); a missing directory is the common cause, so catch it here.
-
-    Raises:
-        StoreUnavailableError: the SQLite file cannot be created there.
-    """
-    database = engine.url.database
-    if engine.dialect.name != "sqlite" or not database or database == ":memory:":
-        return
-    if database.startswith("file:"):  # URI filenames: leave them to SQLite
-        return
-    parent = os.path.dirname(os.path.abspath(database))
-    if not os.path.isdir(parent):
-        raise StoreUnavailableError(
-            f"SQLite database {database!r} cannot be opened: directory {parent!r} does not "
-            "exist (create it, or fix the URL)"
-        )
-
-
-def map_driver_error(
-    engine: AsyncEngine, action: str, run_id: str | None, exc: BaseException
-) -> CheckpointError:
-    """A driver failure as a typed error: bad data → :class:`CheckpointError` (inputs are
-    validated before they reach the database; this is the backstop), else
-    :class:`StoreUnavailableError`. The URL is printed without its password."""
-    url = engine.url.render_as_string(hide_password=True)
-    what = f" run {run_id!r}" if run_id else ""
-    if _is_bad_data(exc):
-        return CheckpointError(
-            f"{action}{what} rejected by the database at {url}: {_describe(exc)}",
-            run_id=run_id,
-        )
-    return StoreUnavailableError(
-        f"{action}{what} failed: database at {url} unavailable ({_describe(exc)})",
-        run_id=run_id,
-    )
+__all__ = ["SQLCheckpointStore", "SQLiteSynchronous"]
 
 
 class SQLCheckpointStore:
@@ -274,32 +86,21 @@ class SQLCheckpointStore:
         page_size: int = DEFAULT_PAGE_SIZE,
         _owns_engine: bool = False,
     ) -> None:
-        if sqlite_synchronous not in ("FULL", "NORMAL", "EXTRA"):
-            raise ValueError(
-                f"sqlite_synchronous must be FULL, NORMAL or EXTRA, got {sqlite_synchronous!r}"
-            )
+        self._dialect = dialect_of(engine)
         self._engine = engine
         self._owns_engine = _owns_engine
         self._max_bytes = max_checkpoint_bytes
         self._page_size = page_size
-        self._dialect = engine.dialect.name
-        if self._dialect not in ("sqlite", "postgresql"):
-            raise CheckpointError(
-                f"unsupported database {self._dialect!r}: "
-                "use sqlite+aiosqlite or postgresql+asyncpg"
-            )
-        self._insert = insert_for(self._dialect)
-        self._write_engine = engine.execution_options(**write_options())
-        self._group: GroupCommitter | None = None
-        self._pg_batcher: PostgresAppendBatcher | None = None
+        self._backend: Backend
         if self._dialect == "sqlite":
-            install_sqlite_hooks(
+            configure_sqlite(
                 engine, synchronous=sqlite_synchronous, busy_timeout=sqlite_busy_timeout
             )
-            # SQLite has one writer at a time: this process's writes go through one owned
-            # drainer, which batches those that arrive together into one transaction (one
-            # fsync) instead of queueing them on the file lock.
-            self._group = GroupCommitter(self._write_engine.connect, self._unavailable)
+            self._insert: Callable[..., Any] = sqlite.insert
+            self._backend = SQLiteBackend(engine)
+        else:
+            self._insert = postgresql.insert
+            self._backend = PostgresBackend(engine)
         self._schema_checked = False
         self._schema_lock = asyncio.Lock()
         self._closed = False
@@ -314,14 +115,7 @@ class SQLCheckpointStore:
         options are those of the constructor; ``engine_options`` (a dict) goes to
         ``create_async_engine``.
         """
-        engine_options: dict[str, Any] = dict(options.pop("engine_options", None) or {})
-        # No pool_pre_ping: on asyncpg it costs three round trips per checkout. A connection
-        # that died is invalidated by the error it raises, and the pool reconnects.
-        if make_url(url).get_backend_name() == "sqlite":
-            # Every path of ours ends its own transaction (SQLAlchemy's Connection rolls back
-            # on close what it began), so the pool's extra reset is a wasted thread hop.
-            engine_options.setdefault("pool_reset_on_return", None)
-        engine = create_async_engine(url, **engine_options)
+        engine = create_engine(url, options.pop("engine_options", None))
         return cls(engine, _owns_engine=True, **options)
 
     @classmethod
@@ -350,10 +144,7 @@ class SQLCheckpointStore:
 
         A borrowed engine is left open.
         """
-        if self._group is not None:
-            await self._group.aclose()
-        if self._pg_batcher is not None:
-            await self._pg_batcher.aclose()
+        await self._backend.aclose()
         if self._owns_engine and not self._closed:
             self._closed = True
             await self._engine.dispose()
@@ -370,18 +161,12 @@ class SQLCheckpointStore:
         return self._engine
 
     @property
-    def write_engine(self) -> AsyncEngine:
-        """The engine view whose transactions are writes (``BEGIN IMMEDIATE`` on SQLite)."""
-        return self._write_engine
-
-    @property
     def dialect(self) -> str:
         """``"sqlite"`` or ``"postgresql"``."""
         return self._dialect
 
     def __repr__(self) -> str:
-        url = self._engine.url.render_as_string(hide_password=True)
-        return f"SQLCheckpointStore({url!r})"
+        return f"SQLCheckpointStore({safe_url(self._engine.url)!r})"
 
     # -- plumbing ------------------------------------------------------------------------
 
@@ -397,34 +182,15 @@ class SQLCheckpointStore:
                 return
             from ..migrate import check_schema_revision
 
-            self.preflight()
-            try:
-                await check_schema_revision(self._engine)
-            except CheckpointError:
-                raise
-            except DRIVER_ERRORS as exc:
-                raise self._unavailable("checking the schema", None, exc) from exc
+            preflight(self._engine)
+            await check_schema_revision(self._engine)
             self._schema_checked = True
 
-    def preflight(self) -> None:
-        """Refuse a SQLite file whose directory does not exist, before connecting."""
-        preflight(self._engine)
-
-    def _unavailable(self, action: str, run_id: str | None, exc: BaseException) -> CheckpointError:
-        return map_driver_error(self._engine, action, run_id, exc)
-
-    async def _submit(self, action: str, run_id: str | None, op: Operation[T]) -> T:
+    async def _write(self, action: str, run_id: str | None, op: Operation[T]) -> T:
         """Run the write ``op(conn)`` in a transaction, with driver errors mapped."""
         await self.check_schema()
-        if self._group is not None:
-            return await self._group.submit(action, run_id, op)
-        try:
-            async with self._write_engine.begin() as conn:
-                return await op(conn)
-        except CheckpointError:
-            raise
-        except DRIVER_ERRORS as exc:
-            raise self._unavailable(action, run_id, exc) from exc
+        with mapped_errors(self._engine.url, action, run_id):
+            return await self._backend.write(op)
 
     @asynccontextmanager
     async def _read(
@@ -432,100 +198,73 @@ class SQLCheckpointStore:
     ) -> AsyncIterator[AsyncConnection]:
         """A read; with ``snapshot``, one transaction that sees a single consistent state."""
         await self.check_schema()
-        try:
-            async with self._engine.connect() as conn:
-                if not snapshot:
-                    yield conn
-                    return
-                if self._dialect == "postgresql":
-                    await conn.execution_options(isolation_level="REPEATABLE READ")
-                async with conn.begin():
-                    yield conn
-        except CheckpointError:
-            raise
-        except DRIVER_ERRORS as exc:
-            raise self._unavailable(action, run_id, exc) from exc
+        with mapped_errors(self._engine.url, action, run_id):
+            async with self._backend.read(snapshot=snapshot) as conn:
+                yield conn
 
     # -- CheckpointStore -----------------------------------------------------------------
 
-    async def save(
+    async def save(self, checkpoint: RunCheckpoint) -> None:
+        """Insert or replace the run's state (see :meth:`CheckpointStore.save`)."""
+        phases = check_header(checkpoint)
+        run_id = checkpoint.meta.run_id
+        rows = codec.encode_messages(checkpoint.messages, run_id)
+        await self._rewrite(checkpoint, phases, rows, sum(map(len, rows)))
+
+    async def append(
         self,
         checkpoint: RunCheckpoint,
         *,
-        base_count: int | None = None,
+        base_count: int,
         encoded_tail: Sequence[bytes] | None = None,
     ) -> None:
-        """Insert or replace the run's state (see :meth:`CheckpointStore.save`).
-
-        With ``base_count`` (the caller's word that the stored transcript is
-        ``checkpoint.messages[:base_count]``) only the messages after it are inserted, with the
-        header, in one transaction. If the stored transcript turns out to have another length
-        the whole transcript is rewritten in that same transaction: never a mix.
-        """
-        run_id = checkpoint.meta.run_id
+        """Store ``checkpoint``, writing only the messages after ``base_count`` (see
+        :class:`AppendingStore`): one guarded statement on the raw driver, or, if the stored
+        transcript is not ``messages[:base_count]``, a full rewrite in one transaction."""
         phases = check_header(checkpoint)
+        run_id = checkpoint.meta.run_id
         messages = checkpoint.messages
-        base = valid_base(base_count, messages)
-        start = base or 0
-        tail = tail_encodings(messages, start, encoded_tail, run_id)
-        tail_size = sum(map(len, tail))
+        base = _rows.valid_base(base_count, messages)
         if base is None:
-            check_size(run_id, tail_size, self._max_bytes)
-        header = {
-            **_meta_values(checkpoint.meta),
-            "iteration": checkpoint.iteration,
-            "completed_phases": phases,
-            "app_version": checkpoint.app_version,
-            "owner": checkpoint.owner,
-            "epoch": checkpoint.epoch,
-            "updated_at": as_utc(checkpoint.updated_at),
-        }
+            return await self.save(checkpoint)
+        tail = _rows.appended_tail(messages, base, encoded_tail, run_id)
+        tail_size = sum(map(len, tail))
+        values = _rows.values_of(checkpoint, completed_phases=phases)
+        values["message_count"] = base + len(tail)
+        append = Append(
+            run_id=run_id,
+            base=base,
+            rows=tail,
+            size=tail_size,
+            max_bytes=self._max_bytes,
+            epoch=checkpoint.epoch,
+            values=values,
+        )
+        await self.check_schema()
+        with mapped_errors(self._engine.url, "saving", run_id):
+            applied = await self._backend.append(append)
+        if applied:
+            self._log_save(run_id, checkpoint.iteration, len(tail), tail_size, True)
+            return
+        # Not what we thought was stored (or fenced, or too large): write it all.
+        head = codec.encode_messages(messages[:base], run_id)
+        await self._rewrite(checkpoint, phases, head + tail, tail_size + sum(map(len, head)))
 
-        append = None
-        if base is not None:
-            append = Append(
-                run_id=run_id,
-                base=base,
-                rows=tail,
-                size=tail_size,
-                max_bytes=self._max_bytes,
-                iteration=checkpoint.iteration,
-                completed_phases=phases,
-                updated_at=as_utc(checkpoint.updated_at),
-                epoch=checkpoint.epoch,
-                app_version=checkpoint.app_version,
-                owner=checkpoint.owner,
-                meta=[header[c] for c in _FAST_META],
-            )
-            if await self._append(append):
-                self._log_save(run_id, checkpoint.iteration, len(tail), tail_size, True)
-                return
+    async def _rewrite(
+        self, checkpoint: RunCheckpoint, phases: bytes, rows: list[bytes], size: int
+    ) -> None:
+        """Upsert the header and replace the transcript, in one transaction."""
+        run_id = checkpoint.meta.run_id
+        check_size(run_id, size, self._max_bytes)
+        values = _rows.values_of(checkpoint, completed_phases=phases)
+        stmt = self._insert(header).values(**values, message_count=len(rows), size_bytes=size)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[header.c.run_id],
+            set_={k: stmt.excluded[k] for k in _rows.SAVED},
+            where=header.c.epoch <= stmt.excluded.epoch,
+        ).returning(header.c.epoch)
 
         async def op(conn: AsyncConnection) -> None:
-            rows, size = tail, tail_size
-            if base is not None:
-                # Not what we thought was stored (or fenced, or too large): write it all.
-                # Raising here is still before this operation wrote anything.
-                head = encode_messages(messages[:start], run_id)
-                rows = head + rows
-                size += sum(map(len, head))
-                check_size(run_id, size, self._max_bytes)
-            stmt = self._insert(t).values(
-                run_id=run_id,
-                created_at=as_utc(checkpoint.created_at),
-                status=str(checkpoint.status),
-                attempts=checkpoint.attempts,
-                last_error=checkpoint.last_error,
-                message_count=len(rows),
-                size_bytes=size,
-                **header,
-            )
-            replaced = {*header, "message_count", "size_bytes"}
-            stmt = stmt.on_conflict_do_update(
-                index_elements=[t.c.run_id],
-                set_={k: stmt.excluded[k] for k in replaced},
-                where=t.c.epoch <= stmt.excluded.epoch,
-            ).returning(t.c.epoch)
             if (await conn.execute(stmt)).first() is None:
                 raise CheckpointFencedError(
                     f"run {run_id!r} was taken over by a newer writer; this writer "
@@ -533,47 +272,11 @@ class SQLCheckpointStore:
                     run_id=run_id,
                     epoch=checkpoint.epoch,
                 )
-            await conn.execute(m.delete().where(m.c.run_id == run_id))
+            await conn.execute(messages.delete().where(messages.c.run_id == run_id))
             await self._insert_messages(conn, run_id, 0, rows)
-            self._log_save(run_id, checkpoint.iteration, len(rows), size, False)
 
-        await self._submit("saving", run_id, op)
-
-    async def _append(self, append: Append) -> bool:
-        """The guarded append on the raw driver; False: not applied (rewrite in full)."""
-        if self._group is None:
-            return await self._append_postgres(append)
-        await self.check_schema()
-
-        async def op(driver: Any) -> bool:
-            return await append_sqlite(driver, append)
-
-        return await self._group.submit_raw("saving", append.run_id, op)
-
-    async def _append_postgres(self, append: Append) -> bool:
-        """The append on PostgreSQL, batched with concurrent ones (see ``_fastpath``);
-        False: not applied (the caller rewrites in full)."""
-        await self.check_schema()
-        if self._pg_batcher is None:
-            self._pg_batcher = PostgresAppendBatcher(self._raw_pg_connection)
-        try:
-            return await self._pg_batcher.submit(append)
-        except DRIVER_ERRORS as exc:
-            raise self._unavailable("saving", append.run_id, exc) from exc
-
-    @asynccontextmanager
-    async def _raw_pg_connection(self) -> AsyncIterator[Any]:
-        """A pooled asyncpg connection outside any transaction (autocommit statements)."""
-        async with self._engine.connect() as conn:
-            raw = await conn.get_raw_connection()
-            try:
-                yield raw.driver_connection
-            except BaseException as exc:
-                if not _is_bad_data(exc):
-                    # The pool cannot see errors raised past SQLAlchemy: drop the connection
-                    # rather than hand it out again in an unknown state.
-                    await conn.invalidate()
-                raise
+        await self._write("saving", run_id, op)
+        self._log_save(run_id, checkpoint.iteration, len(rows), size, False)
 
     @staticmethod
     async def _insert_messages(
@@ -581,7 +284,7 @@ class SQLCheckpointStore:
     ) -> None:
         if rows:
             await conn.execute(
-                m.insert(),
+                messages.insert(),
                 [{"run_id": run_id, "seq": start + i, "data": d} for i, d in enumerate(rows)],
             )
 
@@ -605,37 +308,21 @@ class SQLCheckpointStore:
         """
         phases = check_header(checkpoint)
         meta = checkpoint.meta
-        stmt = self._insert(t).values(
-            run_id=meta.run_id,
-            **_meta_values(meta),
-            message_count=0,
-            size_bytes=0,
-            iteration=checkpoint.iteration,
-            completed_phases=phases,
-            status=str(checkpoint.status),
-            attempts=checkpoint.attempts,
-            last_error=checkpoint.last_error,
-            app_version=checkpoint.app_version,
-            owner=checkpoint.owner,
-            epoch=checkpoint.epoch,
-            created_at=as_utc(checkpoint.created_at),
-            updated_at=as_utc(checkpoint.updated_at),
-        )
+        values = _rows.values_of(checkpoint, completed_phases=phases)
+        stmt = self._insert(header).values(**values, message_count=0, size_bytes=0)
         stmt = stmt.on_conflict_do_update(
-            index_elements=[t.c.run_id],
+            index_elements=[header.c.run_id],
             set_={
-                **{c.name: stmt.excluded[c.name] for c in _META_COLUMNS},
-                "app_version": stmt.excluded.app_version,
-                "owner": stmt.excluded.owner,
+                **{name: stmt.excluded[name] for name in _rows.TAKEN_OVER},
                 "updated_at": utcnow(),
-                "epoch": t.c.epoch + 1,
+                "epoch": header.c.epoch + 1,
             },
-        ).returning(t.c.epoch)
+        ).returning(header.c.epoch)
 
         async def op(conn: AsyncConnection) -> int:
             return int((await conn.execute(stmt)).scalar_one())
 
-        epoch = await self._submit("registering", meta.run_id, op)
+        epoch = await self._write("registering", meta.run_id, op)
         logger.debug(
             "registered run %s at epoch %d",
             meta.run_id,
@@ -650,9 +337,9 @@ class SQLCheckpointStore:
         if not run_ids:
             return out
         rows = await conn.execute(
-            select(m.c.run_id, m.c.data)
-            .where(m.c.run_id.in_(run_ids))
-            .order_by(m.c.run_id, m.c.seq)
+            select(messages.c.run_id, messages.c.data)
+            .where(messages.c.run_id.in_(run_ids))
+            .order_by(messages.c.run_id, messages.c.seq)
         )
         for run_id, data in rows:
             out[run_id].append(data)
@@ -666,28 +353,28 @@ class SQLCheckpointStore:
         # come from one consistent snapshot.
         async with self._read("loading", run_id, snapshot=True) as conn:
             row = (
-                await conn.execute(select(*_SUMMARY_COLUMNS).where(t.c.run_id == run_id))
+                await conn.execute(select(*_rows.SELECT).where(header.c.run_id == run_id))
             ).first()
             if row is None:
                 return None
             messages = await self._messages_of(conn, [run_id])
-        return _checkpoint_of(row, messages[run_id])
+        return _rows.checkpoint_of(row, messages[run_id])
 
     async def delete(self, run_id: str, *, epoch: int | None = None) -> bool:
         """Delete the run's checkpoint; True if one was deleted (see the protocol)."""
         if not is_storable_id(run_id):
             return False
-        stmt = t.delete().where(t.c.run_id == run_id)
+        stmt = header.delete().where(header.c.run_id == run_id)
         if epoch is not None:
-            stmt = stmt.where(t.c.epoch <= epoch)
+            stmt = stmt.where(header.c.epoch <= epoch)
 
         async def op(conn: AsyncConnection) -> bool:
-            deleted = (await conn.execute(stmt.returning(t.c.run_id))).first() is not None
+            deleted = (await conn.execute(stmt.returning(header.c.run_id))).first() is not None
             if deleted:
-                await conn.execute(m.delete().where(m.c.run_id == run_id))
+                await conn.execute(messages.delete().where(messages.c.run_id == run_id))
             return deleted
 
-        return await self._submit("deleting", run_id, op)
+        return await self._write("deleting", run_id, op)
 
     def _filters(
         self,
@@ -697,12 +384,12 @@ class SQLCheckpointStore:
     ) -> list[Any]:
         clauses: list[Any] = []
         if status is not None:
-            clauses.append(t.c.status == str(status))
+            clauses.append(header.c.status == str(status))
         if agent_id is not None:
-            clauses.append(t.c.agent_id == agent_id)
-        bound = cutoff(older_than)
+            clauses.append(header.c.agent_id == agent_id)
+        bound = _rows.cutoff(older_than)
         if bound is not None:
-            clauses.append(t.c.updated_at <= bound)
+            clauses.append(header.c.updated_at <= bound)
         return clauses
 
     async def list_interrupted(
@@ -714,15 +401,15 @@ class SQLCheckpointStore:
     ) -> list[RunCheckpoint]:
         """Active checkpoints with transcripts, oldest ``updated_at`` first."""
         stmt = (
-            select(*_SUMMARY_COLUMNS)
+            select(*_rows.SELECT)
             .where(*self._filters(CheckpointStatus.ACTIVE, agent_id, older_than))
-            .order_by(t.c.updated_at, t.c.run_id)
+            .order_by(header.c.updated_at, header.c.run_id)
             .limit(limit)
         )
         async with self._read("listing interrupted runs", None, snapshot=True) as conn:
             rows = (await conn.execute(stmt)).all()
             messages = await self._messages_of(conn, [r.run_id for r in rows])
-        return [_checkpoint_of(r, messages[r.run_id]) for r in rows]
+        return [_rows.checkpoint_of(r, messages[r.run_id]) for r in rows]
 
     async def iter_summaries(
         self,
@@ -737,12 +424,12 @@ class SQLCheckpointStore:
         """Stream summaries page by page (keyset pagination on ``(updated_at, run_id)``)."""
         filters = self._filters(status, agent_id, older_than)
         if updated_before is not None:
-            filters.append(t.c.updated_at < as_utc(updated_before))
-        key = tuple_(t.c.updated_at, t.c.run_id)
+            filters.append(header.c.updated_at < _rows.as_utc(updated_before))
+        key = tuple_(header.c.updated_at, header.c.run_id)
         order = (
-            (t.c.updated_at.desc(), t.c.run_id.desc())
+            (header.c.updated_at.desc(), header.c.run_id.desc())
             if newest_first
-            else (t.c.updated_at, t.c.run_id)
+            else (header.c.updated_at, header.c.run_id)
         )
         last: tuple[Any, str] | None = None
         remaining = limit
@@ -751,11 +438,11 @@ class SQLCheckpointStore:
             where = list(filters)
             if last is not None:
                 where.append(key < tuple_(*last) if newest_first else key > tuple_(*last))
-            stmt = select(*_SUMMARY_COLUMNS).where(and_(True, *where)).order_by(*order).limit(page)
+            stmt = select(*_rows.SELECT).where(and_(True, *where)).order_by(*order).limit(page)
             async with self._read("listing runs", None) as conn:
                 rows = (await conn.execute(stmt)).all()
             for row in rows:
-                yield _summary_of(row)
+                yield _rows.summary_of(row)
             if len(rows) < page:
                 return
             if remaining is not None:
@@ -770,18 +457,21 @@ class SQLCheckpointStore:
         if not is_storable_id(run_id):
             return None
         stmt = (
-            t.update()
+            header.update()
             .where(
-                t.c.run_id == run_id,
-                t.c.status == str(CheckpointStatus.ACTIVE),
-                t.c.epoch == epoch,
+                header.c.run_id == run_id,
+                header.c.status == str(CheckpointStatus.ACTIVE),
+                header.c.epoch == epoch,
             )
             # updated_at moves too: a recovery pass that started before this claim will not
             # list the run again (its scan is bounded by updated_before).
             .values(
-                attempts=t.c.attempts + 1, epoch=t.c.epoch + 1, owner=owner, updated_at=utcnow()
+                attempts=header.c.attempts + 1,
+                epoch=header.c.epoch + 1,
+                owner=owner,
+                updated_at=utcnow(),
             )
-            .returning(*_SUMMARY_COLUMNS)
+            .returning(*_rows.SELECT)
         )
 
         async def op(conn: AsyncConnection) -> RunCheckpoint | None:
@@ -789,52 +479,52 @@ class SQLCheckpointStore:
             if row is None:
                 return None
             messages = await self._messages_of(conn, [run_id])
-            return _checkpoint_of(row, messages[run_id])
+            return _rows.checkpoint_of(row, messages[run_id])
 
-        return await self._submit("claiming", run_id, op)
+        return await self._write("claiming", run_id, op)
 
     async def mark_dead(self, run_id: str, *, reason: str, epoch: int | None = None) -> bool:
         """Mark the run dead with ``reason`` as its last error (see the protocol)."""
         if not is_storable_id(run_id):
             return False
         stmt = (
-            t.update()
-            .where(t.c.run_id == run_id)
+            header.update()
+            .where(header.c.run_id == run_id)
             .values(status=str(CheckpointStatus.DEAD), last_error=clean_text(reason))
         )
         if epoch is not None:
-            stmt = stmt.where(t.c.epoch <= epoch)
+            stmt = stmt.where(header.c.epoch <= epoch)
 
         async def op(conn: AsyncConnection) -> bool:
             return bool((await conn.execute(stmt)).rowcount)
 
-        return await self._submit("marking dead", run_id, op)
+        return await self._write("marking dead", run_id, op)
 
     async def record_error(self, run_id: str, error: str) -> bool:
         """Store ``error`` as the run's last error; True if the run exists."""
         if not is_storable_id(run_id):
             return False
-        stmt = t.update().where(t.c.run_id == run_id).values(last_error=clean_text(error))
+        stmt = header.update().where(header.c.run_id == run_id).values(last_error=clean_text(error))
 
         async def op(conn: AsyncConnection) -> bool:
             return bool((await conn.execute(stmt)).rowcount)
 
-        return await self._submit("recording an error for", run_id, op)
+        return await self._write("recording an error for", run_id, op)
 
     async def requeue(self, run_id: str) -> bool:
         """Make a dead run recoverable again (status active, attempts 0); True if it was dead."""
         if not is_storable_id(run_id):
             return False
         stmt = (
-            t.update()
-            .where(t.c.run_id == run_id, t.c.status == str(CheckpointStatus.DEAD))
+            header.update()
+            .where(header.c.run_id == run_id, header.c.status == str(CheckpointStatus.DEAD))
             .values(status=str(CheckpointStatus.ACTIVE), attempts=0)
         )
 
         async def op(conn: AsyncConnection) -> bool:
             return bool((await conn.execute(stmt)).rowcount)
 
-        return await self._submit("requeueing", run_id, op)
+        return await self._write("requeueing", run_id, op)
 
     async def purge(
         self,
@@ -852,43 +542,42 @@ class SQLCheckpointStore:
         meanwhile is never removed; on PostgreSQL rows locked by a write in flight are skipped
         (``SKIP LOCKED``). ``dry_run`` only counts. ``status=None`` purges every status.
         """
-        bound = cutoff(older_than)
+        bound = _rows.cutoff(older_than)
         filters = self._filters(status, None, None)
         if bound is not None:
-            filters.append(t.c.updated_at <= bound)
+            filters.append(header.c.updated_at <= bound)
         if dry_run:
-            stmt = select(func.count()).select_from(t).where(*filters)
+            stmt = select(func.count()).select_from(header).where(*filters)
             async with self._read("counting runs to purge", None) as conn:
                 return int((await conn.execute(stmt)).scalar_one())
-        pick = select(t.c.run_id).where(*filters).order_by(t.c.updated_at).limit(batch_size)
+        pick = (
+            select(header.c.run_id).where(*filters).order_by(header.c.updated_at).limit(batch_size)
+        )
         if self._dialect == "postgresql":
             pick = pick.with_for_update(skip_locked=True)
 
-        async def op(conn: AsyncConnection) -> int:
+        async def op(conn: AsyncConnection) -> tuple[int, int]:
+            """One batch: (rows picked, rows deleted). A picked row that changed meanwhile
+            (no longer matches the filters) is left alone."""
             ids = list((await conn.execute(pick)).scalars())
             if not ids:
-                return 0
-            gone = list(
-                (
-                    await conn.execute(
-                        t.delete().where(t.c.run_id.in_(ids), *filters).returning(t.c.run_id)
-                    )
-                ).scalars()
-            )
+                return 0, 0
+            doomed = header.delete().where(header.c.run_id.in_(ids), *filters)
+            gone = list((await conn.execute(doomed.returning(header.c.run_id))).scalars())
             if gone:
-                await conn.execute(m.delete().where(m.c.run_id.in_(gone)))
-            return len(gone) or -1  # -1: rows picked but changed meanwhile; try again
+                await conn.execute(messages.delete().where(messages.c.run_id.in_(gone)))
+            return len(ids), len(gone)
 
         total = 0
         while True:
-            deleted = await self._submit("purging", None, op)
-            if deleted == 0:
+            picked, deleted = await self._write("purging", None, op)
+            if picked == 0:
                 break
-            total += max(deleted, 0)
-            if on_progress is not None:
+            total += deleted
+            if deleted and on_progress is not None:
                 on_progress(total)
-            if deleted < 0:
-                await asyncio.sleep(0)
+            if not deleted:
+                await asyncio.sleep(0)  # rows changed under us: let their writers finish
         logger.info("purged %d checkpoints", total, extra={"action": "purge", "count": total})
         return total
 
@@ -898,29 +587,29 @@ class SQLCheckpointStore:
             by_status = {
                 str(k): int(v)
                 for k, v in await conn.execute(
-                    select(t.c.status, func.count()).group_by(t.c.status)
+                    select(header.c.status, func.count()).group_by(header.c.status)
                 )
             }
-            agent = func.coalesce(t.c.agent_id, "")
+            agent = func.coalesce(header.c.agent_id, "")
             by_agent = {
                 str(k): int(v)
                 for k, v in await conn.execute(select(agent, func.count()).group_by(agent))
             }
             total_size = (
-                await conn.execute(select(func.coalesce(func.sum(t.c.size_bytes), 0)))
+                await conn.execute(select(func.coalesce(func.sum(header.c.size_bytes), 0)))
             ).scalar_one()
             largest = (
                 await conn.execute(
-                    select(t.c.run_id, t.c.size_bytes)
-                    .order_by(t.c.size_bytes.desc(), t.c.run_id)
+                    select(header.c.run_id, header.c.size_bytes)
+                    .order_by(header.c.size_bytes.desc(), header.c.run_id)
                     .limit(1)
                 )
             ).first()
             oldest = (
                 await conn.execute(
-                    select(t.c.run_id, t.c.updated_at)
-                    .where(t.c.status == str(CheckpointStatus.ACTIVE))
-                    .order_by(t.c.updated_at, t.c.run_id)
+                    select(header.c.run_id, header.c.updated_at)
+                    .where(header.c.status == str(CheckpointStatus.ACTIVE))
+                    .order_by(header.c.updated_at, header.c.run_id)
                     .limit(1)
                 )
             ).first()
@@ -937,6 +626,6 @@ class SQLCheckpointStore:
 
     async def count(self, *, status: CheckpointStatus | None = None) -> int:
         """How many checkpoints are stored (with ``status``, only those)."""
-        stmt = select(func.count()).select_from(t).where(*self._filters(status, None, None))
+        stmt = select(func.count()).select_from(header).where(*self._filters(status, None, None))
         async with self._read("counting runs", None) as conn:
             return int((await conn.execute(stmt)).scalar_one())

@@ -374,12 +374,12 @@ async def test_save_keeps_attempts_status_and_last_error(store: Any) -> None:
 
 async def test_append_with_base_count(store: Any) -> None:
     msgs = transcript(3)
-    await store.save(make("app", messages=msgs, iteration=1, created_at=T0), base_count=0)
+    await store.append(make("app", messages=msgs, iteration=1, created_at=T0), base_count=0)
     for step in range(2, 6):
         base = len(msgs)
         msgs = [*msgs, *transcript(step, f"step {step} ")]
         cp = make("app", messages=msgs, iteration=step, completed_phases=[f"p{step}"])
-        await store.save(cp, base_count=base)
+        await store.append(cp, base_count=base)
         assert_same_state(await store.load("app"), cp)
     loaded = await store.load("app")
     assert loaded is not None and loaded.created_at == T0
@@ -388,10 +388,10 @@ async def test_append_with_base_count(store: Any) -> None:
     assert_size(summary.size_bytes, msgs)
     # Nothing new: only the header changes.
     same = make("app", messages=msgs, iteration=99, completed_phases=["x"])
-    await store.save(same, base_count=len(msgs))
+    await store.append(same, base_count=len(msgs))
     assert_same_state(await store.load("app"), same)
     # Tuples in the appended tail come back as lists too.
-    await store.save(
+    await store.append(
         make("app", messages=(*msgs, ("a", (1,))), iteration=100), base_count=len(msgs)
     )
     loaded = await store.load("app")
@@ -409,7 +409,7 @@ async def test_wrong_base_count_still_stores_exactly_the_given_transcript(store:
     ]
     for i, (what, msgs, hint) in enumerate(cases, start=2):
         cp = make("wb", messages=msgs, iteration=i)
-        await store.save(cp, base_count=hint)
+        await store.append(cp, base_count=hint)
         loaded = await store.load("wb")
         assert loaded is not None, what
         assert exact(loaded.messages) == exact(msgs), what
@@ -420,7 +420,7 @@ async def test_wrong_base_count_still_stores_exactly_the_given_transcript(store:
     # A hint for a run that has no row (deleted meanwhile) inserts it whole.
     assert await store.delete("wb") is True
     fresh = make("wb", messages=transcript(4, "f "), iteration=9)
-    await store.save(fresh, base_count=3)
+    await store.append(fresh, base_count=3)
     assert_same_state(await store.load("wb"), fresh)
 
 
@@ -431,14 +431,14 @@ async def test_append_after_take_over_and_fencing(store: Any) -> None:
     assert epoch == 1
     # The stale writer appends from the count it knew: fenced, nothing written.
     stale = make("ap", messages=[*msgs, {"zombie": True}], iteration=2, epoch=0)
-    await raises(store.save(stale, base_count=3), CheckpointFencedError)
+    await raises(store.append(stale, base_count=3), CheckpointFencedError)
     loaded = await store.load("ap")
     assert loaded is not None
     assert_exact(loaded.messages, msgs)
     assert loaded.iteration == 1 and loaded.owner == "exec-b" and loaded.epoch == 1
     # The new owner continues from the kept transcript.
     cp = make("ap", messages=[*msgs, {"new": True}], iteration=2, epoch=1, owner="exec-b")
-    await store.save(cp, base_count=3)
+    await store.append(cp, base_count=3)
     assert_same_state(await store.load("ap"), cp)
 
 
@@ -663,7 +663,7 @@ async def test_register_new_run_inserts_initial_row(store: Any) -> None:
     assert summary.message_count == 0
     # The first save after register writes the transcript (from scratch or as an append).
     cp = make("reg", messages=transcript(2), iteration=1, **FULL_META)
-    await store.save(cp, base_count=0)
+    await store.append(cp, base_count=0)
     assert_same_state(await store.load("reg"), cp)
 
 
@@ -968,7 +968,7 @@ async def check_rejected(store: Any, cases: list[tuple[str, Corrupt, type[Except
         bad = corrupt(replace(good, updated_at=T0 + timedelta(hours=1)))
         problems += await _attempt(f"{case_id} (save, existing run)", store.save(bad), error)
         if isinstance(bad.messages, list) and len(bad.messages) > 2:  # the bad part is appended
-            appended = store.save(bad, base_count=2)
+            appended = store.append(bad, base_count=2)
             problems += await _attempt(f"{case_id} (append)", appended, error)
         fresh = replace(bad, meta=replace(bad.meta, run_id="fresh"))
         problems += await _attempt(f"{case_id} (save, new run)", store.save(fresh), error)
@@ -1125,10 +1125,10 @@ async def test_size_cap(store_url: str | None) -> None:
         assert await store.load("other") is None
         # ...also when it grows by appends.
         grown = make("capped", messages=["x" * 400, "z" * 700], iteration=3)
-        await raises(store.save(grown, base_count=1), CheckpointTooLargeError)
+        await raises(store.append(grown, base_count=1), CheckpointTooLargeError)
         assert_same_state(await store.load("capped"), good)
         ok = make("capped", messages=["x" * 400, "w" * 100], iteration=4)
-        await store.save(ok, base_count=1)
+        await store.append(ok, base_count=1)
         assert_same_state(await store.load("capped"), ok)
         assert await store.count() == 1
 
@@ -1318,7 +1318,7 @@ async def test_two_hundred_concurrent_runs(store: Any) -> None:
                 agent_id=f"agent-{i % 5}",
             )
             # Odd runs append, even runs rewrite: both paths run side by side.
-            await store.save(cp, base_count=base if i % 2 else None)
+            await (store.append(cp, base_count=base) if i % 2 else store.save(cp))
 
     await asyncio.gather(*(run(i) for i in range(runs)))
     assert await store.count() == runs
@@ -1351,7 +1351,7 @@ async def test_concurrent_mixed_operations_on_many_runs(store: Any) -> None:
                 return await store.delete(run_id)
             case _:
                 cp = make(run_id, messages=transcript(5), iteration=2)
-                await store.save(cp, base_count=2)
+                await store.append(cp, base_count=2)
                 return await store.load(run_id)
 
     results = await asyncio.gather(*(op(i) for i in range(n)))
@@ -1394,7 +1394,7 @@ async def test_reads_never_see_a_torn_state(store: Any) -> None:
                 base = len(messages)
                 messages.append({"i": i, "pad": "p" * 300})
                 cp = make("torn", messages=list(messages), iteration=i, completed_phases=[f"p{i}"])
-                await store.save(cp, base_count=base)
+                await store.append(cp, base_count=base)
                 await asyncio.sleep(0)  # let the readers in (the memory store never suspends)
         finally:
             done.set()

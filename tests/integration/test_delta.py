@@ -176,11 +176,11 @@ async def test_stale_base_count_falls_back_to_full_rewrite(sql_store: SQLCheckpo
 
     meta = RunCheckpointMeta("r")
     await sql_store.save(RunCheckpoint(meta, messages=[{"a": 1}, {"a": 2}, {"a": 3}]))
-    await sql_store.save(
+    await sql_store.append(
         RunCheckpoint(meta, messages=[{"b": 1}, {"b": 2}, {"b": 3}, {"b": 4}]), base_count=2
     )
     assert (await sql_store.load("r")).messages == [{"b": 1}, {"b": 2}, {"b": 3}, {"b": 4}]
-    await sql_store.save(RunCheckpoint(meta, messages=[{"c": 1}]), base_count=7)
+    await sql_store.append(RunCheckpoint(meta, messages=[{"c": 1}]), base_count=7)
     assert (await sql_store.load("r")).messages == [{"c": 1}]
 
 

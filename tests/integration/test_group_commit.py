@@ -168,7 +168,7 @@ async def test_pg_batch_member_with_a_stale_base_falls_back(pg_store: SQLCheckpo
     # r2's writer believes 3 messages are stored; there are 2: it must be rewritten in full,
     # while the others append within the same batch.
     results = await asyncio.gather(
-        *(pg_store.save(cp(f"r{i}", 4), base_count=3 if i == 2 else 2) for i in range(5))
+        *(pg_store.append(cp(f"r{i}", 4), base_count=3 if i == 2 else 2) for i in range(5))
     )
     assert results == [None] * 5
     for i in range(5):

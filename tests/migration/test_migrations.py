@@ -35,13 +35,21 @@ from executus_ckpt.config import ENV_DATABASE_URL, VERSION_TABLE
 from executus_ckpt.migrate import (
     alembic_config,
     current_revision,
-    head_revision,
     script_location,
 )
 from executus_ckpt.schema import REQUIRED_REVISION, metadata
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ALEMBIC = Path(sys.executable).parent / "alembic"
+
+
+def head_revision() -> str:
+    """The newest revision among the shipped migration scripts."""
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    assert head is not None
+    return head
+
+
 INDEXES = {ix.name for ix in metadata.tables["run_checkpoints"].indexes}
 SCHEMA_TABLES = set(metadata.tables)
 

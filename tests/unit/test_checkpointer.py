@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -27,13 +28,25 @@ from executus_ckpt import (
     StoreUnavailableError,
     new_checkpointer,
 )
+from executus_ckpt.protocols import AppendingStore
 from executus_ckpt.testing import ManualClock
 
 META = RunCheckpointMeta("run-1", agent_id="agent", prompt="hi")
 
 
 class Recorder:
-    """Wraps a store: records saved iterations, can block (gate) or fail the next writes."""
+    """Wraps a store: records saved iterations, can block (gate) or fail the next writes.
+
+    ``Recorder(store)`` is a plain :class:`CheckpointStore` (whole-transcript saves) or, in the
+    ``append`` run of the ``write_path`` parameter, an :class:`AppendingStore` whose appends
+    are recorded, gated and failed the same way: every test here runs over both paths.
+    """
+
+    path = "save"
+
+    def __new__(cls, inner: Any) -> Recorder:
+        kind = AppendingRecorder if cls is Recorder and Recorder.path == "append" else cls
+        return object.__new__(kind)
 
     def __init__(self, inner: Any) -> None:
         self.inner = inner
@@ -58,7 +71,39 @@ class Recorder:
         return bool(await self.inner.delete(run_id, epoch=epoch))
 
     def __getattr__(self, name: str) -> Any:
+        if name == "append":  # a plain store: the checkpointer must not find an append
+            raise AttributeError(name)
         return getattr(self.inner, name)
+
+
+class AppendingRecorder(Recorder):
+    """A :class:`Recorder` that forwards (and records) the append fast path."""
+
+    appends = 0
+
+    async def append(self, checkpoint: Any, *, base_count: int, encoded_tail: Any = None) -> None:
+        self.entered.set()
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.fail_next:
+            self.fail_next -= 1
+            raise StoreUnavailableError("injected failure", run_id=checkpoint.meta.run_id)
+        await self.inner.append(checkpoint, base_count=base_count, encoded_tail=encoded_tail)
+        self.saved.append(checkpoint.iteration)
+        self.appends += 1
+
+
+@pytest.fixture(autouse=True, params=["save", "append"])
+def write_path(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Run every test over a plain store and over an appending one."""
+    Recorder.path = request.param
+    yield request.param
+    Recorder.path = "save"
+
+
+def test_recorders_take_the_declared_path(write_path: str) -> None:
+    rec = Recorder(InMemoryCheckpointStore())
+    assert isinstance(rec, AppendingStore) is (write_path == "append")
 
 
 def state(i: int, messages: list[Any] | None = None, phases: tuple[str, ...] = ()) -> Any:

@@ -1,0 +1,60 @@
+"""The small interface each database backend implements for :class:`SQLCheckpointStore`.
+
+``sql.py`` builds the Core statements every backend shares and hands them to its backend as
+operations; a backend decides how a write transaction is run (SQLite: one group-committing
+writer per process; PostgreSQL: a pooled connection per write), how a consistent read is
+opened, and how the save hot path (:class:`Append`) reaches the driver.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+T = TypeVar("T")
+
+Operation = Callable[[AsyncConnection], Awaitable[T]]
+"""A unit of work on a Core connection, run inside the backend's write transaction."""
+
+
+@dataclass(frozen=True, slots=True)
+class Append:
+    """One guarded append: new header values and the new messages (encoded).
+
+    Applied only if the run is not fenced (stored epoch <= ``epoch``), still holds ``base``
+    messages and stays under ``max_bytes``; otherwise nothing is written.
+    """
+
+    run_id: str
+    base: int
+    rows: Sequence[bytes]
+    size: int
+    max_bytes: int
+    epoch: int
+    values: Mapping[str, Any]
+    """Values of ``_rows.APPENDED`` columns (``message_count`` included)."""
+
+
+class Backend(Protocol):
+    """What a dialect provides; every method may raise driver errors (the store maps them)."""
+
+    async def write(self, op: Operation[T]) -> T:
+        """Run ``op`` in a write transaction and commit; finishes even if the caller is
+        cancelled."""
+        ...
+
+    def read(self, *, snapshot: bool) -> AbstractAsyncContextManager[AsyncConnection]:
+        """A connection for reads; with ``snapshot``, one transaction seeing one state."""
+        ...
+
+    async def append(self, append: Append) -> bool:
+        """Apply ``append`` on the raw driver; False if its guard failed (nothing written)."""
+        ...
+
+    async def aclose(self) -> None:
+        """Finish queued writes and return connections to the pool."""
+        ...
