@@ -2,7 +2,8 @@
 
 Every action is a library call on the store; this module only presents it. It is the only
 place with ``asyncio.run`` and logging set-up. Exit codes: 0 success, 1 operational error
-(database unreachable, schema out of date, run not found), 2 usage error.
+(database unreachable, schema out of date, run not found: a :class:`click.ClickException`),
+2 usage error (a :class:`click.UsageError`).
 """
 
 from __future__ import annotations
@@ -12,11 +13,11 @@ import json
 import logging
 import re
 import sys
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, NoReturn, TypeVar
+from typing import Any, TypeVar
 
 import click
 from sqlalchemy.engine import make_url
@@ -24,13 +25,17 @@ from sqlalchemy.exc import ArgumentError
 
 from .config import DEFAULT_DATABASE_URL, ENV_DATABASE_URL
 from .errors import CheckpointError, CheckpointNotFoundError
-from .types import CheckpointStatus, CheckpointSummary, RunCheckpoint, utcnow
+from .protocols import AdminStore
+from .types import CheckpointStats, CheckpointStatus, CheckpointSummary, RunCheckpoint, utcnow
 
 T = TypeVar("T")
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-_STATUSES = {"active": CheckpointStatus.ACTIVE, "dead": CheckpointStatus.DEAD, "all": None}
+_STATUSES: dict[str, CheckpointStatus | None] = {
+    **{status.value: status for status in CheckpointStatus},
+    "all": None,
+}
 
 
 def parse_duration(text: str) -> float:
@@ -69,30 +74,24 @@ class Settings:
     json: bool
 
 
-def _fail(message: str, code: int = 1) -> NoReturn:
-    click.echo(f"error: {message}", err=True)
-    sys.exit(code)
-
-
 def _run(coro: Coroutine[Any, Any, T]) -> T:
-    """Run a command's coroutine; expected failures become one line and exit code 1."""
+    """Run a command's coroutine; expected failures become one error line (click prints it)."""
     try:
         return asyncio.run(coro)
     except CheckpointError as exc:
-        _fail(str(exc))
-    except ArgumentError:
-        _fail(
+        raise click.ClickException(str(exc)) from exc
+    except ArgumentError as exc:
+        raise click.UsageError(
             "the database URL is malformed; expected e.g. sqlite+aiosqlite:///file.db "
-            "or postgresql+asyncpg://user@host/db",
-            2,
-        )
+            "or postgresql+asyncpg://user@host/db"
+        ) from exc
     except (ModuleNotFoundError, ImportError) as exc:
         hint = " (pip install 'executus-ckpt[postgres]')" if "asyncpg" in str(exc) else ""
-        _fail(f"a database driver is missing: {exc}{hint}")
+        raise click.ClickException(f"a database driver is missing: {exc}{hint}") from exc
 
 
 @asynccontextmanager
-async def _store(settings: Settings) -> AsyncIterator[Any]:
+async def _store(settings: Settings) -> AsyncIterator[AdminStore]:
     from .stores.sql import SQLCheckpointStore
 
     async with SQLCheckpointStore.open(settings.url) as store:
@@ -263,11 +262,8 @@ def current(ctx: click.Context, sub_json: bool, sub_url: str | None = None) -> N
     async def go() -> str | None:
         store = SQLCheckpointStore.from_url(s.url)
         try:
+            # current_revision maps driver failures itself (StoreUnavailableError).
             return await current_revision(store.engine)
-        except CheckpointError:
-            raise
-        except Exception as exc:
-            raise store._unavailable("reading the schema revision", None, exc) from exc
         finally:
             await store.aclose()
 
@@ -281,7 +277,7 @@ def current(ctx: click.Context, sub_json: bool, sub_url: str | None = None) -> N
             + ("(up to date)" if ok else "(run: executus-ckpt migrate)")
         )
     if not ok:
-        sys.exit(1)
+        ctx.exit(1)
 
 
 @main.command("list")
@@ -453,7 +449,11 @@ def show(
             click.echo("  " + (text if len(text) <= 200 else text[:197] + "..."))
 
 
-def _each_run(action: str, store_call: str, verb: str) -> Callable[..., None]:
+RunAction = Callable[[AdminStore, str], Awaitable[bool]]
+"""One store call on one run id; True if it acted (the run existed, in the right status)."""
+
+
+def _each_run(action: str, call: RunAction, verb: str) -> Callable[..., None]:
     @click.argument("run_ids", nargs=-1, required=True)
     @_json_flag
     @click.pass_context
@@ -464,8 +464,7 @@ def _each_run(action: str, store_call: str, verb: str) -> Callable[..., None]:
 
         async def go() -> dict[str, bool]:
             async with _store(s) as store:
-                method = getattr(store, store_call)
-                return {run_id: bool(await method(run_id)) for run_id in run_ids}
+                return {run_id: await call(store, run_id) for run_id in run_ids}
 
         done = _run(go())
         missing = [r for r, ok in done.items() if not ok]
@@ -476,18 +475,18 @@ def _each_run(action: str, store_call: str, verb: str) -> Callable[..., None]:
                 if ok:
                     click.echo(f"{verb} {run_id}")
                 else:
-                    click.echo(f"error: not {verb} {run_id}: {action}", err=True)
+                    click.echo(f"Error: not {verb} {run_id}: {action}", err=True)
         if missing:
-            sys.exit(1)
+            ctx.exit(1)
 
     return command
 
 
 main.command("delete", help="Delete the checkpoints of RUN_IDS.")(
-    _each_run("no such checkpoint", "delete", "deleted")
+    _each_run("no such checkpoint", lambda store, run_id: store.delete(run_id), "deleted")
 )
 main.command("requeue", help="Make dead RUN_IDS recoverable again (attempts reset).")(
-    _each_run("no such dead run", "requeue", "requeued")
+    _each_run("no such dead run", lambda store, run_id: store.requeue(run_id), "requeued")
 )
 
 
@@ -515,7 +514,7 @@ def purge(
 
     async def count() -> int:
         async with _store(s) as store:
-            return int(await store.purge(older_than=older_than, status=wanted, dry_run=True))
+            return await store.purge(older_than=older_than, status=wanted, dry_run=True)
 
     if dry_run:
         n = _run(count())
@@ -526,7 +525,9 @@ def purge(
         return
     if not yes:
         if not sys.stdin.isatty():
-            _fail("purge deletes checkpoints: pass --yes to confirm when not on a terminal", 2)
+            raise click.UsageError(
+                "purge deletes checkpoints: pass --yes to confirm when not on a terminal", ctx
+            )
         n = _run(count())
         click.confirm(f"delete {n} checkpoint(s) ({status})?", abort=True)
     interactive = not s.json and sys.stderr.isatty()
@@ -538,13 +539,11 @@ def purge(
                 if (interactive)
                 else None
             )
-            return int(
-                await store.purge(
-                    older_than=older_than,
-                    status=wanted,
-                    batch_size=batch_size,
-                    on_progress=progress,
-                )
+            return await store.purge(
+                older_than=older_than,
+                status=wanted,
+                batch_size=batch_size,
+                on_progress=progress,
             )
 
     n = _run(go())
@@ -563,7 +562,7 @@ def stats(ctx: click.Context, sub_json: bool, sub_url: str | None = None) -> Non
     """Counts by status and agent, stored sizes, the oldest interrupted run."""
     s = _settings(ctx, sub_json)
 
-    async def go() -> Any:
+    async def go() -> CheckpointStats:
         async with _store(s) as store:
             return await store.stats()
 

@@ -124,10 +124,19 @@ def failed(result: Result, code: int) -> Result:
 
 
 def one_error_line(result: Result) -> str:
-    """The single stderr line of an expected failure."""
+    """The single stderr line of an expected operational failure (click's ``Error: ...``)."""
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, _describe(result)
+    assert lines[0].startswith("Error: "), _describe(result)
     return lines[0]
+
+
+def usage_error_line(result: Result) -> str:
+    """The ``Error: ...`` line of a usage error, which click prints after the usage."""
+    lines = result.stderr.strip().splitlines()
+    assert lines[0].startswith("Usage: "), _describe(result)
+    assert lines[-1].startswith("Error: "), _describe(result)
+    return lines[-1]
 
 
 def _describe(result: Result) -> str:
@@ -603,7 +612,7 @@ def test_purge_without_yes_off_terminal_refuses(sql_url: str) -> None:
     _seed_purge(sql_url)
     for input_ in (None, "y\n"):
         result = failed(invoke(["purge", "--older-than", "1h"], url=sql_url, input=input_), 2)
-        assert "--yes" in one_error_line(result)
+        assert "--yes" in usage_error_line(result)
     assert stored_ids(sql_url) == ALL_PURGE_IDS
 
 
@@ -978,7 +987,7 @@ def test_usage_error_exits_2(args: list[str], tmp_path: Path) -> None:
 
 def test_malformed_url_is_a_usage_error() -> None:
     result = failed(invoke(["list"], url="not a url at all"), 2)
-    one_error_line(result)
+    assert "malformed" in usage_error_line(result)
 
 
 def test_help_lists_every_command() -> None:

@@ -142,7 +142,7 @@ def test_unreachable_postgres_with_logging_on(tmp_path: Path) -> None:
         assert proc.returncode == 1, _describe(proc)
         assert SECRET not in proc.stdout + proc.stderr
         assert "Traceback" not in proc.stderr, _describe(proc)
-        assert proc.stderr.strip().splitlines()[-1].startswith("error: "), _describe(proc)
+        assert proc.stderr.strip().splitlines()[-1].startswith("Error: "), _describe(proc)
     quiet = run("--url", url, "stats", "--json", cwd=tmp_path)
     assert quiet.returncode == 1
     assert quiet.stdout == ""

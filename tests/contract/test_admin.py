@@ -21,6 +21,7 @@ from executus_ckpt import (
     RunCheckpointMeta,
     SQLCheckpointStore,
 )
+from executus_ckpt.protocols import AdminStore, CheckpointStore
 from executus_ckpt.schema import run_checkpoint_messages
 
 HOUR = 3600.0
@@ -52,18 +53,24 @@ def make(
     )
 
 
-async def put(store: Any, *checkpoints: RunCheckpoint, dead: Sequence[str] = ()) -> None:
+async def put(store: AdminStore, *checkpoints: RunCheckpoint, dead: Sequence[str] = ()) -> None:
     for checkpoint in checkpoints:
         await store.save(checkpoint)
     for run_id in dead:
         assert await store.mark_dead(run_id, reason=f"{run_id} failed too often")
 
 
-async def ids(store: Any) -> set[str]:
+async def must_load(store: AdminStore, run_id: str) -> RunCheckpoint:
+    checkpoint = await store.load(run_id)
+    assert checkpoint is not None, f"{run_id} is not stored"
+    return checkpoint
+
+
+async def ids(store: AdminStore) -> set[str]:
     return {s.run_id async for s in store.iter_summaries(status=None)}
 
 
-async def message_rows(store: Any, run_ids: Sequence[str]) -> int:
+async def message_rows(store: AdminStore, run_ids: Sequence[str]) -> int:
     """Stored message rows of ``run_ids`` (SQL stores; 0 for the in-memory store)."""
     if not isinstance(store, SQLCheckpointStore):
         return 0
@@ -73,18 +80,27 @@ async def message_rows(store: Any, run_ids: Sequence[str]) -> int:
         return int((await conn.execute(stmt)).scalar_one())
 
 
+# -- the protocol ----------------------------------------------------------------------------
+
+
+async def test_every_store_is_an_admin_store(store: AdminStore) -> None:
+    """The CLI is typed against AdminStore: both stores must provide the whole surface."""
+    assert isinstance(store, CheckpointStore)
+    assert isinstance(store, AdminStore)
+
+
 # -- requeue -----------------------------------------------------------------------------------
 
 
-async def test_requeue_makes_a_dead_run_active_with_attempts_reset(store: Any) -> None:
+async def test_requeue_makes_a_dead_run_active_with_attempts_reset(store: AdminStore) -> None:
     await put(store, make("run-d", attempts=3, messages=[{"n": 1}, {"n": 2}]), dead=["run-d"])
     assert [c.run_id for c in await store.list_interrupted()] == []
-    before = await store.load("run-d")
+    before = await must_load(store, "run-d")
     assert before.status is CheckpointStatus.DEAD and before.attempts == 3
 
     assert await store.requeue("run-d") is True
 
-    after = await store.load("run-d")
+    after = await must_load(store, "run-d")
     assert after.status is CheckpointStatus.ACTIVE
     assert after.attempts == 0
     assert after.messages == [{"n": 1}, {"n": 2}]
@@ -94,10 +110,10 @@ async def test_requeue_makes_a_dead_run_active_with_attempts_reset(store: Any) -
     assert await store.requeue("run-d") is False
 
 
-async def test_requeue_refuses_active_and_unknown_runs(store: Any) -> None:
+async def test_requeue_refuses_active_and_unknown_runs(store: AdminStore) -> None:
     await put(store, make("run-a", attempts=2))
     assert await store.requeue("run-a") is False
-    active = await store.load("run-a")
+    active = await must_load(store, "run-a")
     assert active.status is CheckpointStatus.ACTIVE and active.attempts == 2
     assert await store.requeue("ghost") is False
     assert await store.load("ghost") is None
@@ -107,7 +123,7 @@ async def test_requeue_refuses_active_and_unknown_runs(store: Any) -> None:
 # -- purge -------------------------------------------------------------------------------------
 
 
-async def _seed_mix(store: Any) -> None:
+async def _seed_mix(store: AdminStore) -> None:
     await put(
         store,
         make("old-dead", updated=ago(hours=3)),
@@ -118,7 +134,7 @@ async def _seed_mix(store: Any) -> None:
     )
 
 
-async def test_purge_defaults_to_old_dead_runs(store: Any) -> None:
+async def test_purge_defaults_to_old_dead_runs(store: AdminStore) -> None:
     await _seed_mix(store)
     assert await store.purge(older_than=HOUR) == 1
     assert await ids(store) == {"old-active", "fresh-dead", "fresh-active"}
@@ -126,7 +142,7 @@ async def test_purge_defaults_to_old_dead_runs(store: Any) -> None:
     assert await message_rows(store, ["old-dead"]) == 0
 
 
-async def test_purge_status_filter(store: Any) -> None:
+async def test_purge_status_filter(store: AdminStore) -> None:
     await _seed_mix(store)
     assert await store.purge(older_than=HOUR, status=CheckpointStatus.ACTIVE) == 1
     assert await ids(store) == {"old-dead", "fresh-dead", "fresh-active"}
@@ -134,7 +150,7 @@ async def test_purge_status_filter(store: Any) -> None:
     assert await ids(store) == {"fresh-dead", "fresh-active"}
 
 
-async def test_purge_every_status(store: Any) -> None:
+async def test_purge_every_status(store: AdminStore) -> None:
     await _seed_mix(store)
     assert await store.purge(older_than=HOUR, status=None) == 2
     assert await ids(store) == {"fresh-dead", "fresh-active"}
@@ -142,7 +158,7 @@ async def test_purge_every_status(store: Any) -> None:
     assert await ids(store) == set()
 
 
-async def test_purge_dry_run_counts_without_deleting(store: Any) -> None:
+async def test_purge_dry_run_counts_without_deleting(store: AdminStore) -> None:
     await _seed_mix(store)
     everything = await ids(store)
     assert await store.purge(older_than=HOUR, dry_run=True) == 1
@@ -151,11 +167,11 @@ async def test_purge_dry_run_counts_without_deleting(store: Any) -> None:
     assert await store.purge(older_than=24 * HOUR, status=None, dry_run=True) == 0
     assert await ids(store) == everything
     for run_id in everything:
-        loaded = await store.load(run_id)
+        loaded = await must_load(store, run_id)
         assert loaded.messages == [{"role": "user", "content": run_id}]
 
 
-async def test_purge_in_small_batches_deletes_all_and_reports_progress(store: Any) -> None:
+async def test_purge_in_small_batches_deletes_all_and_reports_progress(store: AdminStore) -> None:
     doomed = [f"run-{i}" for i in range(7)]
     await put(
         store,
@@ -176,7 +192,7 @@ async def test_purge_in_small_batches_deletes_all_and_reports_progress(store: An
     assert len(set(progress)) >= 4
 
 
-async def test_purge_batch_size_one(store: Any) -> None:
+async def test_purge_batch_size_one(store: AdminStore) -> None:
     await put(
         store,
         *(make(f"run-{i}", updated=ago(hours=5)) for i in range(5)),
@@ -186,7 +202,7 @@ async def test_purge_batch_size_one(store: Any) -> None:
     assert await ids(store) == set()
 
 
-async def test_purge_never_deletes_a_run_updated_after_the_cutoff(store: Any) -> None:
+async def test_purge_never_deletes_a_run_updated_after_the_cutoff(store: AdminStore) -> None:
     await put(
         store,
         make("just-inside", updated=ago(minutes=59)),  # younger than the 1 h cutoff
@@ -196,7 +212,7 @@ async def test_purge_never_deletes_a_run_updated_after_the_cutoff(store: Any) ->
     )
     # A write lands after the operator looked (dry run) and before the purge: it counts.
     assert await store.purge(older_than=HOUR, dry_run=True) == 2
-    rewritten = await store.load("rewritten")
+    rewritten = await must_load(store, "rewritten")
     await store.save(
         RunCheckpoint(
             meta=rewritten.meta,
@@ -210,11 +226,11 @@ async def test_purge_never_deletes_a_run_updated_after_the_cutoff(store: Any) ->
     )
     assert await store.purge(older_than=HOUR) == 1
     assert await ids(store) == {"just-inside", "rewritten"}
-    kept = await store.load("rewritten")
+    kept = await must_load(store, "rewritten")
     assert len(kept.messages) == 2 and kept.iteration == rewritten.iteration + 1
 
 
-async def test_purge_while_runs_are_being_written(store: Any) -> None:
+async def test_purge_while_runs_are_being_written(store: AdminStore) -> None:
     """Concurrent saves of old runs never lose a write: each rewritten run is intact after."""
     old = [f"run-{i:02d}" for i in range(30)]
     await put(store, *(make(r, updated=ago(hours=4)) for r in old), dead=old)
@@ -234,10 +250,11 @@ async def test_purge_while_runs_are_being_written(store: Any) -> None:
     purged, *_ = await asyncio.gather(
         store.purge(older_than=HOUR, batch_size=3), *(rewrite(r) for r in rewritten)
     )
+    assert isinstance(purged, int)
     assert len(old) - len(rewritten) <= purged <= len(old)
     assert await ids(store) == set(rewritten)
     for run_id in rewritten:
-        loaded = await store.load(run_id)
+        loaded = await must_load(store, run_id)
         assert loaded is not None
         assert loaded.messages == [{"n": i, "run": run_id} for i in range(4)]
     summaries = {s.run_id: s async for s in store.iter_summaries(status=None)}
@@ -249,7 +266,7 @@ async def test_purge_while_runs_are_being_written(store: Any) -> None:
 # -- stats -------------------------------------------------------------------------------------
 
 
-async def test_stats_of_an_empty_store(store: Any) -> None:
+async def test_stats_of_an_empty_store(store: AdminStore) -> None:
     stats = await store.stats()
     assert isinstance(stats, CheckpointStats)
     assert stats.total == 0
@@ -262,7 +279,7 @@ async def test_stats_of_an_empty_store(store: Any) -> None:
     assert stats.oldest_interrupted_at is None
 
 
-async def test_stats_counts_sizes_and_oldest_interrupted(store: Any) -> None:
+async def test_stats_counts_sizes_and_oldest_interrupted(store: AdminStore) -> None:
     big = [{"role": "tool", "content": "x" * 5000}]
     await put(
         store,
@@ -284,12 +301,12 @@ async def test_stats_counts_sizes_and_oldest_interrupted(store: Any) -> None:
     assert stats.largest_run_id == "run-a2"
     assert stats.largest_size_bytes == sizes["run-a2"] > 5000
     assert stats.oldest_interrupted_run_id == "run-a1"
-    a1 = await store.load("run-a1")
+    a1 = await must_load(store, "run-a1")
     assert stats.oldest_interrupted_at == a1.updated_at
     assert stats.oldest_interrupted_at.utcoffset() == timedelta(0)
 
 
-async def test_stats_follow_requeue_and_purge(store: Any) -> None:
+async def test_stats_follow_requeue_and_purge(store: AdminStore) -> None:
     await put(
         store,
         make("run-1", updated=ago(hours=3)),
@@ -307,7 +324,7 @@ async def test_stats_follow_requeue_and_purge(store: Any) -> None:
     assert (await store.stats()).total == 0
 
 
-async def test_stats_no_agent_and_empty_agent_id_count_together(store: Any) -> None:
+async def test_stats_no_agent_and_empty_agent_id_count_together(store: AdminStore) -> None:
     """``by_agent`` keys runs without an agent as ``""``; its counts still add up to the total."""
     await put(
         store,
@@ -321,7 +338,7 @@ async def test_stats_no_agent_and_empty_agent_id_count_together(store: Any) -> N
     assert sum(stats.by_agent.values()) == stats.total
 
 
-async def test_stats_largest_run_tie_is_the_same_on_every_store(store: Any) -> None:
+async def test_stats_largest_run_tie_is_the_same_on_every_store(store: AdminStore) -> None:
     """Equal sizes: every store names the same run (the first by run id, as SQL orders it)."""
     same = [{"role": "user", "content": "same size"}]
     await put(store, make("run-b", messages=same), make("run-a", messages=same), make("run-c"))
