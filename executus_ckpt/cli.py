@@ -3,7 +3,7 @@
 Every action is a library call on the store; this module only presents it. It is the only
 place with ``asyncio.run`` and logging set-up. Exit codes: 0 success, 1 operational error
 (database unreachable, schema out of date, run not found: a :class:`click.ClickException`),
-2 usage error (a :class:`click.UsageError`).
+2 usage error (a :class:`click.UsageError`). The JSON shapes live in :mod:`._render`.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import click
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
+from ._render import checkpoint_json, stats_json, summary_json
 from .config import DEFAULT_DATABASE_URL, ENV_DATABASE_URL
 from .errors import CheckpointError, CheckpointNotFoundError
 from .protocols import AdminStore
@@ -99,13 +100,7 @@ async def _store(settings: Settings) -> AsyncIterator[AdminStore]:
 
 
 def _emit_json(document: Any) -> None:
-    click.echo(json.dumps(document, default=_json_default, ensure_ascii=False))
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, datetime):
-        return value.isoformat()
-    raise TypeError(type(value).__name__)
+    click.echo(json.dumps(document, ensure_ascii=False))
 
 
 def _age(ts: datetime) -> str:
@@ -123,58 +118,6 @@ def _size(n: int) -> str:
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1024
     return f"{n} B"  # pragma: no cover
-
-
-def summary_json(s: CheckpointSummary) -> dict[str, Any]:
-    """The documented JSON shape of one listed run."""
-    return {
-        "run_id": s.run_id,
-        "agent_id": s.meta.agent_id,
-        "agent_name": s.meta.agent_name,
-        "status": str(s.status),
-        "iteration": s.iteration,
-        "completed_phases": list(s.completed_phases),
-        "message_count": s.message_count,
-        "size_bytes": s.size_bytes,
-        "attempts": s.attempts,
-        "owner": s.owner,
-        "app_version": s.app_version,
-        "epoch": s.epoch,
-        "last_error": s.last_error,
-        "created_at": s.created_at,
-        "updated_at": s.updated_at,
-    }
-
-
-def checkpoint_json(cp: RunCheckpoint, last: int | None) -> dict[str, Any]:
-    """The documented JSON shape of ``show``."""
-    m = cp.meta
-    messages = list(cp.messages)
-    return {
-        "run_id": m.run_id,
-        "meta": {
-            "agent_id": m.agent_id,
-            "agent_name": m.agent_name,
-            "caller_id": m.caller_id,
-            "channel_id": m.channel_id,
-            "guild_id": m.guild_id,
-            "model_tier": m.model_tier,
-            "parent_run_id": m.parent_run_id,
-            "prompt": m.prompt,
-        },
-        "status": str(cp.status),
-        "iteration": cp.iteration,
-        "completed_phases": list(cp.completed_phases),
-        "message_count": len(messages),
-        "attempts": cp.attempts,
-        "owner": cp.owner,
-        "app_version": cp.app_version,
-        "epoch": cp.epoch,
-        "last_error": cp.last_error,
-        "created_at": cp.created_at,
-        "updated_at": cp.updated_at,
-        "messages": messages[-last:] if last else [],
-    }
 
 
 # -- the command group -----------------------------------------------------------------------
@@ -567,18 +510,8 @@ def stats(ctx: click.Context, sub_json: bool, sub_url: str | None = None) -> Non
             return await store.stats()
 
     st = _run(go())
-    doc = {
-        "total": st.total,
-        "by_status": dict(st.by_status),
-        "by_agent": dict(st.by_agent),
-        "total_size_bytes": st.total_size_bytes,
-        "largest_size_bytes": st.largest_size_bytes,
-        "largest_run_id": st.largest_run_id,
-        "oldest_interrupted_run_id": st.oldest_interrupted_run_id,
-        "oldest_interrupted_at": st.oldest_interrupted_at,
-    }
     if s.json:
-        _emit_json(doc)
+        _emit_json(stats_json(st))
         return
     click.echo(
         f"checkpoints: {st.total}  ("
