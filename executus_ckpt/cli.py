@@ -13,7 +13,7 @@ import json
 import logging
 import re
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -271,7 +271,11 @@ def list_(
 
 
 class _ListTable:
-    """Prints rows in chunks so that a huge listing never sits in memory."""
+    """Prints rows in aligned columns, in chunks so that a huge listing never sits in memory.
+
+    Plain ``str.ljust`` over computed widths: a width only grows from one chunk to the next, so
+    the columns stay aligned down the listing. Nothing is ever truncated (a pipe gets it all).
+    """
 
     COLUMNS = (
         "run id",
@@ -285,14 +289,12 @@ class _ListTable:
         "owner",
         "status",
     )
+    CHUNK = 500
+    GAP = "  "
 
     def __init__(self) -> None:
-        from rich.console import Console
-
-        self.console = Console(soft_wrap=False)
-        if not self.console.is_terminal:  # piped: never truncate columns to 80
-            self.console = Console(soft_wrap=False, width=250)
         self.rows: list[tuple[str, ...]] = []
+        self.widths = [len(col) for col in self.COLUMNS]
         self.header_done = False
 
     def add(self, s: CheckpointSummary) -> None:
@@ -310,28 +312,28 @@ class _ListTable:
                 str(s.status),
             )
         )
-        if len(self.rows) >= 500:
+        if len(self.rows) >= self.CHUNK:
             self._print()
 
-    def _print(self) -> None:
-        from rich.table import Table
+    def _line(self, cells: Sequence[str]) -> str:
+        return self.GAP.join(c.ljust(w) for c, w in zip(cells, self.widths, strict=True)).rstrip()
 
-        table = Table(show_header=not self.header_done, box=None, pad_edge=False)
-        for col in self.COLUMNS:
-            table.add_column(col, no_wrap=True)
+    def _print(self) -> None:
         for row in self.rows:
-            table.add_row(*row)
-        if self.rows or not self.header_done:
-            self.console.print(table)
-        self.header_done = True
+            self.widths = [max(w, len(c)) for w, c in zip(self.widths, row, strict=True)]
+        if not self.header_done:
+            click.echo(self._line(self.COLUMNS))
+            self.header_done = True
+        for row in self.rows:
+            click.echo(self._line(row))
         self.rows.clear()
 
     def flush(self, shown: int) -> None:
         if shown == 0:
-            self.console.print("no checkpoints match")
+            click.echo("no checkpoints match")
             return
         self._print()
-        self.console.print(f"{shown} run(s)")
+        click.echo(f"{shown} run(s)")
 
 
 @main.command()
