@@ -544,17 +544,10 @@ def stats(ctx: click.Context, sub_json: bool, sub_url: str | None = None) -> Non
     is_flag=True,
     help="Stop after the crash: leave the interrupted runs in --db to look at with the CLI.",
 )
-@click.option("--child", is_flag=True, hidden=True)
-@click.option("--child-url", hidden=True)
-def demo(
-    db: str, runs: int, latency: float, crash_only: bool, child: bool, child_url: str | None
-) -> None:
+@click.pass_context
+def demo(ctx: click.Context, db: str, runs: int, latency: float, crash_only: bool) -> None:
     """Crash a simulated agent service with SIGKILL mid-run, then recover its runs."""
     from . import demo as demo_module
 
-    if child:
-        assert child_url is not None
-        _run(demo_module.run_child(child_url, runs, latency))
-        return
     summary = _run(demo_module.run_demo(db, runs=runs, latency=latency, crash_only=crash_only))
-    sys.exit(0 if summary.ok or (crash_only and summary.killed > 0) else 1)
+    ctx.exit(0 if summary.ok or (crash_only and summary.killed > 0) else 1)

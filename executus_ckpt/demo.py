@@ -1,10 +1,11 @@
 """The main job, end to end: runs crash with SIGKILL, the service boots again, runs resume.
 
 A small simulated agent service runs several runs through named phases with a growing
-transcript in a child process, checkpointing into SQLite. The parent kills the child with
-SIGKILL mid-run (a real crash), then "boots" again: lists the interrupted runs, recovers them
-with :func:`recover_interrupted`, and the runs resume at their phase boundary (completed phases
-skipped, the interrupted phase re-run from its start), finish, and leave no checkpoint behind.
+transcript in a child process (:mod:`._demo_service`), checkpointing into SQLite. The parent
+kills the child with SIGKILL mid-run (a real crash), then "boots" again: lists the interrupted
+runs, recovers them with :func:`recover_interrupted`, and the runs resume at their phase
+boundary (completed phases skipped, the interrupted phase re-run from its start), finish, and
+leave no checkpoint behind.
 """
 
 from __future__ import annotations
@@ -109,7 +110,8 @@ def _iteration_messages(phase: str, step: int, iteration: int) -> list[JSONValue
     ]
 
 
-def _run_infos(count: int) -> list[RunInfo]:
+def run_infos(count: int) -> list[RunInfo]:
+    """The demo's runs: ``run-1`` ... ``run-<count>``, one agent, one prompt each."""
     return [
         RunInfo(
             run_id=f"run-{i + 1}",
@@ -121,28 +123,6 @@ def _run_infos(count: int) -> list[RunInfo]:
         )
         for i in range(count)
     ]
-
-
-# -- the child: the service that crashes ---------------------------------------------------
-
-
-async def run_child(url: str, runs: int, latency: float) -> None:
-    """The doomed service: runs ``runs`` runs at different speeds, printing JSON events."""
-
-    def emit(event: dict[str, Any]) -> None:
-        sys.stdout.write(json.dumps(event) + "\n")
-        sys.stdout.flush()
-
-    async with SQLCheckpointStore.open(url) as store:
-        factory = StoreCheckpointerFactory(store, executor_id="boot-1", app_version=APP_VERSION)
-        async with asyncio.TaskGroup() as group:
-            for i, info in enumerate(_run_infos(runs)):
-                # run-1 is fast and finishes before the crash; the others are slower.
-                speed = latency if i == 0 else latency * (1 + 2 * i)
-                group.create_task(
-                    simulated_run(factory, info, resume=None, latency=speed, emit=emit)
-                )
-    emit({"event": "all_done"})
 
 
 # -- the parent: crash, boot, recover ------------------------------------------------------
@@ -281,10 +261,8 @@ async def _crash_child(url: str, runs: int, latency: float, out: Callable[[str],
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "executus_ckpt",
-        "demo",
-        "--child",
-        "--child-url",
+        "executus_ckpt._demo_service",
+        "--url",
         url,
         "--runs",
         str(runs),
