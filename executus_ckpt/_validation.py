@@ -132,6 +132,15 @@ def check_header(checkpoint: RunCheckpoint) -> bytes:
     return phases
 
 
+def check_limit(limit: object) -> int | None:
+    """A listing's ``limit``: ``None`` (no limit) or an int >= 0 (``0`` lists nothing)."""
+    if limit is None:
+        return None
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+        raise CheckpointError(f"limit must be None or an int >= 0, got {limit!r:.40}")
+    return limit
+
+
 def check_size(run_id: str, size_bytes: int, max_bytes: int) -> None:
     """Raise :class:`CheckpointTooLargeError` if the transcript is over the store's cap."""
     if size_bytes > max_bytes:

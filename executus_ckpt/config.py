@@ -22,6 +22,13 @@ DEFAULT_MAX_CHECKPOINT_BYTES: Final = 64 * 1024 * 1024
 DEFAULT_SQLITE_BUSY_TIMEOUT: Final = 30.0
 """Seconds a SQLite connection waits for another process's write lock before failing."""
 
+DEFAULT_CONNECT_TIMEOUT: Final = 10.0
+"""Seconds to open a database connection before the operation fails (PostgreSQL)."""
+
+DEFAULT_OPERATION_TIMEOUT: Final = 30.0
+"""Seconds one store operation may take, all included (waiting for a pooled connection, its
+statements, the commit) before it fails with ``StoreUnavailableError``."""
+
 DEFAULT_SHUTDOWN_FLUSH_TIMEOUT: Final = 5.0
 """Seconds ``checkpointed_run`` spends flushing a pending state when the run is shut down."""
 

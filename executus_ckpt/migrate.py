@@ -22,6 +22,7 @@ from .stores._engine import (
     WRITE_OPTIONS,
     configure_sqlite,
     create_engine,
+    create_private_file,
     preflight,
     sqlite_file_missing,
 )
@@ -101,6 +102,7 @@ async def run_with_connection(
     engine = create_engine(url_or_engine) if isinstance(url_or_engine, str) else url_or_engine
     try:
         preflight(engine)
+        create_private_file(engine)
         configure_sqlite(engine)
         with mapped_errors(engine.url, "migrating"):
             async with engine.execution_options(**WRITE_OPTIONS).connect() as conn:

@@ -12,10 +12,14 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from sqlalchemy import event
-from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from ..config import DEFAULT_SQLITE_BUSY_TIMEOUT
+from ..config import (
+    DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_OPERATION_TIMEOUT,
+    DEFAULT_SQLITE_BUSY_TIMEOUT,
+)
 from ..errors import CheckpointError, StoreUnavailableError
 
 SQLiteSynchronous = Literal["FULL", "NORMAL", "EXTRA"]
@@ -38,16 +42,43 @@ def dialect_of(engine: AsyncEngine) -> Literal["sqlite", "postgresql"]:
     return "sqlite" if name == "sqlite" else "postgresql"
 
 
-def create_engine(url: str, engine_options: dict[str, Any] | None = None) -> AsyncEngine:
-    """A new engine for ``url`` with the pool settings the library relies on."""
+def create_engine(
+    url: str,
+    engine_options: dict[str, Any] | None = None,
+    *,
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+    operation_timeout: float = DEFAULT_OPERATION_TIMEOUT,
+) -> AsyncEngine:
+    """A new engine for ``url`` with the pool settings and timeouts the library relies on.
+
+    A password given as ``?password=`` moves into the URL's password field, so that every
+    rendering of the URL (SQLAlchemy's own included) masks it.
+    """
     options = dict(engine_options or {})
+    parsed = _password_in_place(make_url(url))
+    if parsed.get_backend_name() == "postgresql":
+        connect_args = dict(options.get("connect_args") or {})
+        # asyncpg: `timeout` bounds connecting, `command_timeout` every statement (the raw
+        # fast path's too); the store bounds the whole operation on top of these.
+        connect_args.setdefault("timeout", connect_timeout)
+        connect_args.setdefault("command_timeout", operation_timeout)
+        options["connect_args"] = connect_args
+    options.setdefault("pool_timeout", operation_timeout)
     # No pool_pre_ping: on asyncpg it costs three round trips per checkout. A connection that
     # died is invalidated by the error it raises, and the pool reconnects.
-    if make_url(url).get_backend_name() == "sqlite":
+    if parsed.get_backend_name() == "sqlite":
         # Every path of ours ends its own transaction (SQLAlchemy's Connection rolls back on
         # close what it began), so the pool's extra reset is a wasted thread hop.
         options.setdefault("pool_reset_on_return", None)
-    return create_async_engine(url, **options)
+    return create_async_engine(parsed, **options)
+
+
+def _password_in_place(url: URL) -> URL:
+    password = url.query.get("password")
+    if password is None or url.password is not None:
+        return url
+    value = password if isinstance(password, str) else password[-1]
+    return url.difference_update_query(["password"]).set(password=value)
 
 
 def _sqlite_path(engine: AsyncEngine) -> str | None:
@@ -83,6 +114,43 @@ def preflight(engine: AsyncEngine) -> None:
         raise StoreUnavailableError(
             f"SQLite database {path!r} cannot be opened: directory {parent!r} does not "
             "exist (create it, or fix the URL)"
+        )
+
+
+def create_private_file(engine: AsyncEngine) -> None:
+    """Create a missing SQLite file readable by its owner only (0600): transcripts hold user
+    data. SQLite creates the ``-wal`` and ``-shm`` files with the database file's mode. An
+    existing file's mode is left as it is."""
+    path = _sqlite_path(engine)
+    if path is None or os.path.exists(path):
+        return
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    except FileExistsError:  # created meanwhile by another process: theirs to set
+        return
+    os.close(fd)
+
+
+def file_identity(engine: AsyncEngine) -> tuple[int, int] | None:
+    """(device, inode) of the SQLite file the engine opens, or None (no file, not SQLite)."""
+    path = _sqlite_path(engine)
+    if path is None:
+        return None
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+def check_file_identity(engine: AsyncEngine, expected: tuple[int, int]) -> None:
+    """Raise :class:`StoreUnavailableError` if the SQLite path no longer names the file the
+    store opened (deleted or replaced under it): writes would go to an unlinked file and be
+    lost at the next open."""
+    if file_identity(engine) != expected:
+        raise StoreUnavailableError(
+            f"SQLite database {_sqlite_path(engine)!r} was deleted or replaced while the store "
+            "had it open: writes would be lost; restore the file or restart the service"
         )
 
 

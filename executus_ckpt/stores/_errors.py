@@ -75,15 +75,31 @@ def is_bad_data(exc: BaseException) -> bool:
     return isinstance(sqlstate, str) and sqlstate[:2] in ("22", "23")
 
 
+_SECRET_QUERY_KEYS = frozenset({"password", "passwd", "pass", "sslpassword"})
+
+
 def safe_url(url: URL) -> str:
-    """``url`` as text with its password masked."""
+    """``url`` as text with its password masked, including one passed as ``?password=``."""
+    secret = _SECRET_QUERY_KEYS.intersection(url.query)
+    if secret:
+        url = url.update_query_dict({k: "***" for k in secret})
     return url.render_as_string(hide_password=True)
 
 
-def map_error(url: URL, action: str, run_id: str | None, exc: BaseException) -> CheckpointError:
+def map_error(
+    url: URL,
+    action: str,
+    run_id: str | None,
+    exc: BaseException,
+    *,
+    timeout: float | None = None,
+) -> CheckpointError:
     """The typed error for a driver failure ``exc`` while ``action`` ran on ``run_id``."""
     inner = driver_error(exc)
-    described = f"{type(inner).__name__}: {inner}"
+    if type(inner) is TimeoutError and not str(inner) and timeout is not None:
+        described = f"no answer within {timeout:g} s (operation_timeout)"
+    else:
+        described = f"{type(inner).__name__}: {inner}"
     what = f" run {run_id!r}" if run_id else ""
     if is_bad_data(exc):
         return CheckpointError(
@@ -97,15 +113,18 @@ def map_error(url: URL, action: str, run_id: str | None, exc: BaseException) -> 
 
 
 @contextmanager
-def mapped_errors(url: URL, action: str, run_id: str | None = None) -> Iterator[None]:
+def mapped_errors(
+    url: URL, action: str, run_id: str | None = None, *, timeout: float | None = None
+) -> Iterator[None]:
     """Run the block with driver failures raised as typed errors (see the module docstring).
 
     Our own :class:`CheckpointError` passes through unchanged; bugs (``TypeError``...) too.
     Usable around ``await`` expressions inside coroutines (it is a plain ``with``).
+    ``timeout`` (seconds) names the bound a ``TimeoutError`` hit, in the message.
     """
     try:
         yield
     except CheckpointError:
         raise
     except driver_errors() as exc:
-        raise map_error(url, action, run_id, exc) from exc
+        raise map_error(url, action, run_id, exc, timeout=timeout) from exc

@@ -8,7 +8,7 @@ from datetime import datetime
 from typing import Any
 
 from .. import codec
-from .._validation import check_header, check_size, check_text, clean_text
+from .._validation import check_header, check_limit, check_size, check_text, clean_text
 from ..config import DEFAULT_MAX_CHECKPOINT_BYTES
 from ..errors import CheckpointFencedError
 from ..types import (
@@ -161,6 +161,7 @@ class InMemoryCheckpointStore:
         older_than: float | None = None,
         limit: int | None = None,
     ) -> list[RunCheckpoint]:
+        limit = check_limit(limit)
         rows = self._select(CheckpointStatus.ACTIVE, agent_id, older_than, False)
         return [r.checkpoint() for r in rows[:limit]]
 
@@ -174,6 +175,7 @@ class InMemoryCheckpointStore:
         limit: int | None = None,
         newest_first: bool = False,
     ) -> AsyncIterator[CheckpointSummary]:
+        limit = check_limit(limit)
         rows = self._select(status, agent_id, older_than, newest_first)
         if updated_before is not None:
             rows = [r for r in rows if r["updated_at"] < as_utc(updated_before)]

@@ -21,13 +21,16 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from .. import codec
 from .._validation import (
     check_header,
+    check_limit,
     check_size,
     check_text,
     clean_text,
     is_storable_id,
 )
 from ..config import (
+    DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_MAX_CHECKPOINT_BYTES,
+    DEFAULT_OPERATION_TIMEOUT,
     DEFAULT_PAGE_SIZE,
     DEFAULT_SQLITE_BUSY_TIMEOUT,
 )
@@ -39,9 +42,11 @@ from . import _rows
 from ._backend import Append, Backend, Operation, T
 from ._engine import (
     SQLiteSynchronous,
+    check_file_identity,
     configure_sqlite,
     create_engine,
     dialect_of,
+    file_identity,
     preflight,
 )
 from ._errors import mapped_errors, safe_url
@@ -71,9 +76,18 @@ class SQLCheckpointStore:
     The schema revision is checked once, on first use: a missing or stale schema raises
     :class:`SchemaOutOfDateError` naming the fix.
 
+    Timeouts: every operation (waiting for a pooled connection, its statements, the commit)
+    fails with :class:`StoreUnavailableError` after ``operation_timeout`` seconds (default
+    30), so a database that stops answering (a frozen server, a network black hole) never
+    holds a caller longer. A write that timed out may still commit later (its transaction is
+    finished in the background, never half-applied): the caller must treat the state as
+    unknown, as after any error. ``connect_timeout`` (default 10 s) bounds opening a
+    PostgreSQL connection (engines created by :meth:`from_url`; set ``connect_args`` on an
+    engine you build yourself).
+
     Raises (every I/O method):
-        StoreUnavailableError: the database could not be reached or failed; the driver error
-            is in ``__cause__``.
+        StoreUnavailableError: the database could not be reached, failed or did not answer
+            in time; the driver error is in ``__cause__``.
     """
 
     def __init__(
@@ -84,9 +98,13 @@ class SQLCheckpointStore:
         sqlite_synchronous: SQLiteSynchronous = "FULL",
         sqlite_busy_timeout: float = DEFAULT_SQLITE_BUSY_TIMEOUT,
         page_size: int = DEFAULT_PAGE_SIZE,
+        operation_timeout: float = DEFAULT_OPERATION_TIMEOUT,
         _owns_engine: bool = False,
     ) -> None:
+        if not operation_timeout > 0:
+            raise ValueError(f"operation_timeout must be > 0 seconds, got {operation_timeout!r}")
         self._dialect = dialect_of(engine)
+        self._timeout = float(operation_timeout)
         self._engine = engine
         self._owns_engine = _owns_engine
         self._max_bytes = max_checkpoint_bytes
@@ -103,19 +121,30 @@ class SQLCheckpointStore:
             self._backend = PostgresBackend(engine)
         self._schema_checked = False
         self._schema_lock = asyncio.Lock()
+        self._file: tuple[int, int] | None = None
         self._closed = False
 
     # -- construction and lifetime -------------------------------------------------------
 
     @classmethod
-    def from_url(cls, url: str, **options: Any) -> SQLCheckpointStore:
+    def from_url(
+        cls,
+        url: str,
+        *,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        engine_options: dict[str, Any] | None = None,
+        **options: Any,
+    ) -> SQLCheckpointStore:
         """A store over a new engine for ``url`` that the store owns (see :meth:`aclose`).
 
         ``url`` is ``sqlite+aiosqlite:///path.db`` or ``postgresql+asyncpg://...``. Keyword
         options are those of the constructor; ``engine_options`` (a dict) goes to
-        ``create_async_engine``.
+        ``create_async_engine``. ``connect_timeout`` bounds opening a connection, in seconds.
         """
-        engine = create_engine(url, options.pop("engine_options", None))
+        timeout = float(options.get("operation_timeout", DEFAULT_OPERATION_TIMEOUT))
+        engine = create_engine(
+            url, engine_options, connect_timeout=connect_timeout, operation_timeout=timeout
+        )
         return cls(engine, _owns_engine=True, **options)
 
     @classmethod
@@ -183,14 +212,23 @@ class SQLCheckpointStore:
             from ..migrate import check_schema_revision
 
             preflight(self._engine)
-            await check_schema_revision(self._engine)
+            with mapped_errors(self._engine.url, "checking the schema", timeout=self._timeout):
+                async with asyncio.timeout(self._timeout):
+                    await check_schema_revision(self._engine)
+            self._file = file_identity(self._engine)
             self._schema_checked = True
+
+    async def _ready_to_write(self) -> None:
+        await self.check_schema()
+        if self._file is not None:
+            check_file_identity(self._engine, self._file)
 
     async def _write(self, action: str, run_id: str | None, op: Operation[T]) -> T:
         """Run the write ``op(conn)`` in a transaction, with driver errors mapped."""
-        await self.check_schema()
-        with mapped_errors(self._engine.url, action, run_id):
-            return await self._backend.write(op)
+        await self._ready_to_write()
+        with mapped_errors(self._engine.url, action, run_id, timeout=self._timeout):
+            async with asyncio.timeout(self._timeout):
+                return await self._backend.write(op)
 
     @asynccontextmanager
     async def _read(
@@ -198,8 +236,11 @@ class SQLCheckpointStore:
     ) -> AsyncIterator[AsyncConnection]:
         """A read; with ``snapshot``, one transaction that sees a single consistent state."""
         await self.check_schema()
-        with mapped_errors(self._engine.url, action, run_id):
-            async with self._backend.read(snapshot=snapshot) as conn:
+        with mapped_errors(self._engine.url, action, run_id, timeout=self._timeout):
+            async with (
+                asyncio.timeout(self._timeout),
+                self._backend.read(snapshot=snapshot) as conn,
+            ):
                 yield conn
 
     # -- CheckpointStore -----------------------------------------------------------------
@@ -240,9 +281,10 @@ class SQLCheckpointStore:
             epoch=checkpoint.epoch,
             values=values,
         )
-        await self.check_schema()
-        with mapped_errors(self._engine.url, "saving", run_id):
-            applied = await self._backend.append(append)
+        await self._ready_to_write()
+        with mapped_errors(self._engine.url, "saving", run_id, timeout=self._timeout):
+            async with asyncio.timeout(self._timeout):
+                applied = await self._backend.append(append)
         if applied:
             self._log_save(run_id, checkpoint.iteration, len(tail), tail_size, True)
             return
@@ -400,6 +442,7 @@ class SQLCheckpointStore:
         limit: int | None = None,
     ) -> list[RunCheckpoint]:
         """Active checkpoints with transcripts, oldest ``updated_at`` first."""
+        limit = check_limit(limit)
         stmt = (
             select(*_rows.SELECT)
             .where(*self._filters(CheckpointStatus.ACTIVE, agent_id, older_than))
@@ -422,6 +465,7 @@ class SQLCheckpointStore:
         newest_first: bool = False,
     ) -> AsyncIterator[CheckpointSummary]:
         """Stream summaries page by page (keyset pagination on ``(updated_at, run_id)``)."""
+        limit = check_limit(limit)
         filters = self._filters(status, agent_id, older_than)
         if updated_before is not None:
             filters.append(header.c.updated_at < _rows.as_utc(updated_before))
