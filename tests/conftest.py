@@ -186,18 +186,38 @@ async def _fail_on_loop_errors() -> AsyncIterator[None]:
 
 # -- per-backend counts, printed at the end and enforced when PostgreSQL is required ----------
 
+BACKEND_PARAMS = ("store_url", "sql_url", "empty_sql_url", "bulk_backend", "backend")
+"""Parameters whose value names the backend a test runs on: the parametrized fixtures above
+(and ``bulk_backend`` in test_recovery), and a test's own ``backend`` parametrize argument."""
+
+_backends: dict[str, str] = {}  # node id -> backend, read from each item at collection
 _counts: Counter[tuple[str, str]] = Counter()
 
 
-def _backend(nodeid: str) -> str | None:
-    for name in BACKENDS:
-        if f"[{name}" in nodeid or f"-{name}]" in nodeid or f"-{name}-" in nodeid:
-            return name
+def _backend(item: pytest.Item) -> str | None:
+    """The backend ``item`` runs on: a backend parameter, else a database fixture it uses."""
+    callspec = getattr(item, "callspec", None)
+    params: dict[str, Any] = callspec.params if callspec is not None else {}
+    for name in BACKEND_PARAMS:
+        if params.get(name) in BACKENDS:
+            return str(params[name])
+    fixtures = set(getattr(item, "fixturenames", ()))
+    if "pg_server" in fixtures:
+        return "postgres"
+    if "sqlite_url" in fixtures:
+        return "sqlite"
     return None
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        backend = _backend(item)
+        if backend is not None:
+            _backends[item.nodeid] = backend
+
+
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    backend = _backend(report.nodeid)
+    backend = _backends.get(report.nodeid)
     if backend is None:
         return
     if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
