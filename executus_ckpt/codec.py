@@ -6,8 +6,9 @@ Defined behaviour, identical on every backend (the text is stored as-is):
 - strings with lone surrogates are rejected (not valid Unicode; PostgreSQL cannot store them);
 - ``"\\u0000"`` round-trips (it is escaped in the text);
 - tuples are encoded as JSON arrays and come back as lists;
-- anything else that is not a JSON value (datetimes, dataclasses, enums, sets, bytes, integers
-  beyond 64 bits) is rejected rather than coerced.
+- anything else that is not a JSON value (datetimes, dataclasses, enums, ``uuid.UUID``,
+  ``decimal.Decimal``, ``orjson.Fragment``, sets, bytes, integers beyond 64 bits, subclasses
+  of dict/list/str) is rejected rather than coerced.
 Each rejection is a :class:`CheckpointSerializationError` raised before anything is written.
 """
 
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import cast
 
 import orjson
@@ -64,6 +65,10 @@ def decode_messages(rows: Sequence[bytes]) -> list[JSONValue]:
 
 
 def _reject_altered(value: object, run_id: str | None) -> None:
+    """Walk what orjson accepted and refuse what JSON cannot hold exactly: orjson writes
+    NaN/Infinity as null, enums as their value, ``uuid.UUID`` as a string and an
+    ``orjson.Fragment`` as whatever bytes it holds (possibly invalid JSON that would poison
+    the row). Only ``dict``/``list``/``tuple`` and JSON scalars pass."""
     stack = [value]
     while stack:
         item = stack.pop()
@@ -76,13 +81,20 @@ def _reject_altered(value: object, run_id: str | None) -> None:
                     f"checkpoint of run {run_id!r} contains {item!r}, which JSON cannot represent",
                     run_id=run_id,
                 )
+        elif kind is dict:
+            stack.extend(cast(dict[str, object], item).values())
+        elif kind is list or kind is tuple:
+            stack.extend(cast(Sequence[object], item))
         elif isinstance(item, enum.Enum):
             raise CheckpointSerializationError(
                 f"checkpoint of run {run_id!r} contains the enum member {item!r}; store its "
                 ".value (JSON would silently turn it into one)",
                 run_id=run_id,
             )
-        elif isinstance(item, Mapping):
-            stack.extend(item.values())
-        elif isinstance(item, Sequence) and not isinstance(item, str | bytes):
-            stack.extend(item)
+        else:
+            raise CheckpointSerializationError(
+                f"checkpoint of run {run_id!r} contains a {kind.__module__}.{kind.__qualname__}, "
+                "which is not a JSON value (convert it to str, int, float, bool, None, list "
+                "or dict first)",
+                run_id=run_id,
+            )

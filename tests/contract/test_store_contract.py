@@ -11,11 +11,16 @@ import asyncio
 import functools
 import json
 import random
+import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
+from decimal import Decimal
 from typing import Any, TypeVar
+
+import orjson
 
 from executus_ckpt import (
     CheckpointError,
@@ -1005,6 +1010,12 @@ async def test_non_json_transcripts_are_rejected(store: Any) -> None:
             ("object", _tail(Opaque()), err),
             # codec.py: enums are rejected, not coerced (a StrEnum would come back a plain str)
             ("enum", _tail({"status": CheckpointStatus.ACTIVE}), err),
+            # issue 10 item 14: orjson would write these, as something else or as raw bytes
+            ("uuid", _tail({"id": uuid.uuid4()}), err),
+            ("fragment-invalid", _tail({"raw": orjson.Fragment(b"{not json")}), err),
+            ("fragment-valid", _tail(orjson.Fragment(b"{}")), err),
+            ("decimal", _tail({"price": Decimal("1.50")}), err),
+            ("dict-subclass", _tail(OrderedDict(a=1)), err),
             ("nan-first", _bad(messages=[float("nan")]), err),
             ("phases-surrogate", _bad(completed_phases=["\ud800"]), err),
         ],
