@@ -8,6 +8,7 @@ so the store can append instead of rewriting.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -27,26 +28,30 @@ class TranscriptSnapshot:
 class Transcript:
     """Validated prefix, cached encodings and the transcript last written, for one run."""
 
-    __slots__ = ("_run_id", "_stored", "_validated")
+    __slots__ = ("_run_id", "_seen", "_stored")
 
     def __init__(self, run_id: str) -> None:
         self._run_id = run_id
-        self._validated = 0
+        # The messages of the previous snapshot, all validated.
+        self._seen: tuple[JSONValue, ...] = ()
         # The transcript as last written; () once the run's row is known to hold none.
         self._stored: tuple[JSONValue, ...] | None = None
 
     def snapshot(self, messages: Sequence[JSONValue]) -> TranscriptSnapshot:
         """Validate ``messages`` and keep the encodings of those not validated before.
 
-        Only what is new is checked (the usual append); a shorter transcript is checked whole.
+        Every message that is not the very object validated at the same position last time is
+        checked: the new ones (the usual append), and any earlier one the host replaced. The
+        test is a pointer comparison per message, so an appending host pays for its new
+        messages only.
 
         Raises:
-            CheckpointSerializationError: a new message is not JSON-compatible.
+            CheckpointSerializationError: a message is not JSON-compatible.
         """
         copied = tuple(messages)
-        start = self._validated if len(copied) >= self._validated else 0
+        start = _first_replaced(self._seen, copied)
         encoded = tuple(codec.encode(m, run_id=self._run_id) for m in copied[start:])
-        self._validated = len(copied)
+        self._seen = copied
         return TranscriptSnapshot(copied, start, encoded)
 
     def mark_empty(self) -> None:
@@ -72,3 +77,12 @@ class Transcript:
             if old is not new and old != new:
                 return None
         return len(stored)
+
+
+def _first_replaced(seen: tuple[JSONValue, ...], messages: tuple[JSONValue, ...]) -> int:
+    """Index of the first message of ``messages`` that is not the object at the same index
+    of ``seen`` (``len(seen)`` when ``messages`` extends it object for object)."""
+    shared = min(len(seen), len(messages))
+    if all(map(operator.is_, seen[:shared], messages[:shared])):
+        return shared
+    return next(i for i in range(shared) if seen[i] is not messages[i])

@@ -331,6 +331,11 @@ class StoreCheckpointer:
         """
         failures = 0
         while self._state is _State.OPEN and self._latest is not None and self.pending:
+            if self._writes:
+                # A write is under way: the window opens when it started, which is known
+                # (and only counts) once it succeeded. At most one write per window.
+                await asyncio.wait(set(self._writes))
+                continue
             last = self._last_write if self._last_write is not None else -math.inf
             delay = last + self._throttle - self._clock()
             if delay > 0:

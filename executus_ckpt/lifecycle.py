@@ -42,10 +42,13 @@ def classify_outcome(
 ) -> Outcome:
     """Classify how a run ended from the exception it ended with (``None``: it returned).
 
-    Shutdown is recognised by identity: an instance of ``asyncio.CancelledError``,
-    :class:`ShutdownError`, ``KeyboardInterrupt``, ``SystemExit`` or one of
-    ``shutdown_exceptions``; an exception explicitly raised ``from`` one of those; or an
-    exception group made only of such exceptions. Anything else is a failure.
+    A shutdown is an instance of ``asyncio.CancelledError``, :class:`ShutdownError`,
+    ``KeyboardInterrupt``, ``SystemExit`` or one of ``shutdown_exceptions``, or an exception
+    group whose every member (recursively) is one. Anything else is a failure; in
+    particular the exception's ``__cause__`` and ``__context__`` are not looked at: a
+    ``TimeoutError`` from ``asyncio.timeout()`` or ``wait_for()`` (raised from their own
+    ``CancelledError``) is a failed run, and a host that wraps a shutdown in its own
+    exception lists that exception in ``shutdown_exceptions``.
     """
     if exc is None:
         return Outcome.COMPLETED
@@ -56,14 +59,7 @@ def classify_outcome(
 def _is_shutdown(exc: BaseException, kinds: tuple[type[BaseException], ...]) -> bool:
     if isinstance(exc, BaseExceptionGroup):
         return bool(exc.exceptions) and all(_is_shutdown(e, kinds) for e in exc.exceptions)
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        if isinstance(current, kinds):
-            return True
-        seen.add(id(current))
-        current = current.__cause__
-    return False
+    return isinstance(exc, kinds)
 
 
 @asynccontextmanager

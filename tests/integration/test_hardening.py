@@ -31,6 +31,19 @@ def _cp(run_id: str = "r1", iteration: int = 1) -> RunCheckpoint:
     )
 
 
+def _modes(directory: Path, prefix: str) -> dict[str, int]:
+    return {
+        p.name: stat.S_IMODE(p.stat().st_mode)
+        for p in directory.iterdir()
+        if p.name.startswith(prefix)
+    }
+
+
+def _unlink_all(db: Path) -> None:
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{db}{suffix}").unlink(missing_ok=True)
+
+
 # -- item 10: store options after migrate(engine) / open(migrate=True) ----------------------
 
 
@@ -93,11 +106,7 @@ async def test_sqlite_files_are_created_0600(tmp_path: Path) -> None:
     try:
         async with SQLCheckpointStore.open(url, migrate=True) as store:
             await store.save(_cp())
-            modes = {
-                p.name: stat.S_IMODE(p.stat().st_mode)
-                for p in tmp_path.iterdir()
-                if p.name.startswith("private.db")
-            }
+            modes = _modes(tmp_path, "private.db")
     finally:
         os.umask(old)
     assert modes["private.db"] == 0o600
@@ -120,8 +129,7 @@ async def test_deleted_sqlite_file_is_detected(tmp_path: Path) -> None:
     url = f"sqlite+aiosqlite:///{db}"
     async with SQLCheckpointStore.open(url, migrate=True) as store:
         await store.save(_cp(iteration=1))
-        for suffix in ("", "-wal", "-shm"):
-            Path(f"{db}{suffix}").unlink(missing_ok=True)
+        _unlink_all(db)
         with pytest.raises(StoreUnavailableError, match="deleted or replaced") as info:
             await store.save(_cp(iteration=2))
         assert str(db) in str(info.value)

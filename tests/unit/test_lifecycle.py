@@ -191,31 +191,53 @@ def test_nested_groups() -> None:
     assert classify_outcome(failure_deep_inside) is Outcome.FAILED
 
 
-def test_explicit_cause_is_followed() -> None:
+def test_causes_are_not_followed() -> None:
+    # Only the exception itself (or the members of a group) is classified: a run that wrapped
+    # a shutdown in its own error failed, unless the host lists that error as a shutdown.
     assert classify_outcome(raised_from(RuntimeError("wrapped"), ShutdownError())) is (
-        Outcome.SHUTDOWN
+        Outcome.FAILED
     )
     assert classify_outcome(raised_from(RuntimeError(), asyncio.CancelledError())) is (
-        Outcome.SHUTDOWN
+        Outcome.FAILED
     )
-    deep = raised_from(RuntimeError("top"), raised_from(KeyError("mid"), ShutdownError()))
-    assert classify_outcome(deep) is Outcome.SHUTDOWN
     assert classify_outcome(raised_from(RuntimeError(), HostShutdown()), (HostShutdown,)) is (
+        Outcome.FAILED
+    )
+    assert classify_outcome(raised_from(HostShutdown(), ValueError()), (HostShutdown,)) is (
         Outcome.SHUTDOWN
     )
-    assert classify_outcome(raised_from(RuntimeError(), ValueError())) is Outcome.FAILED
-    assert classify_outcome(raised_from(RuntimeError(), None)) is Outcome.FAILED
 
 
-def test_group_member_raised_from_a_shutdown_is_shutdown() -> None:
+def test_group_member_raised_from_a_shutdown_is_a_failure() -> None:
     member = raised_from(RuntimeError("wrapped"), ShutdownError())
-    assert classify_outcome(ExceptionGroup("g", [member, ShutdownError()])) is Outcome.SHUTDOWN
+    assert classify_outcome(ExceptionGroup("g", [member, ShutdownError()])) is Outcome.FAILED
 
 
 def test_implicit_context_is_not_followed() -> None:
-    # Only an explicit ``raise ... from`` says "this is the shutdown"; an error that merely
-    # happened while a shutdown was handled is a failure (documented in classify_outcome).
     assert classify_outcome(raised_during(RuntimeError(), ShutdownError())) is Outcome.FAILED
+
+
+async def test_a_timeout_inside_the_run_is_a_failure() -> None:
+    # asyncio.timeout() and wait_for() raise TimeoutError from their own CancelledError:
+    # a model call that timed out is a failed run, not a shutdown (issue 10 item 1).
+    with pytest.raises(TimeoutError) as by_timeout:
+        async with asyncio.timeout(0.001):
+            await asyncio.sleep(1)
+    assert isinstance(by_timeout.value.__cause__, asyncio.CancelledError)
+    assert classify_outcome(by_timeout.value) is Outcome.FAILED
+    with pytest.raises(TimeoutError) as by_wait_for:
+        await asyncio.wait_for(asyncio.sleep(1), 0.001)
+    assert classify_outcome(by_wait_for.value) is Outcome.FAILED
+
+
+async def test_a_timed_out_run_deletes_its_checkpoint(store: Any) -> None:
+    factory = StoreCheckpointerFactory(store)
+    with pytest.raises(TimeoutError):
+        async with checkpointed_run(factory, RUN) as cp:
+            await cp.save(state(1))
+            async with asyncio.timeout(0.001):
+                await asyncio.sleep(1)
+    assert await store.load("run-1") is None
 
 
 def test_cause_cycle_terminates() -> None:
@@ -280,7 +302,11 @@ SHUTDOWNS: list[tuple[str, Any, tuple[type[BaseException], ...]]] = [
     ("KeyboardInterrupt", KeyboardInterrupt, ()),
     ("SystemExit", lambda: SystemExit(0), ()),
     ("group", lambda: ExceptionGroup("g", [ShutdownError(), ShutdownError()]), ()),
-    ("cause", lambda: raised_from(RuntimeError("wrapped"), ShutdownError()), ()),
+    (
+        "host-wrapper",
+        lambda: raised_from(HostShutdown("wrapped"), ValueError()),
+        (HostShutdown,),
+    ),
 ]
 
 
