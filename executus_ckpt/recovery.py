@@ -29,7 +29,9 @@ class RecoveryReport:
     quarantined: tuple[str, ...] = ()
     """Rejected by ``accept``: marked dead with the reason, kept for the operator."""
     failed: Mapping[str, BaseException] = field(default_factory=lambda: MappingProxyType({}))
-    """``dispatch`` (or ``accept``, or the store) raised; the run stays recoverable."""
+    """``dispatch`` (or ``accept``, or the store) raised; the run stays recoverable. The
+    exceptions are kept without their tracebacks (their frames would keep every failed run's
+    transcript alive); the full traceback is logged at WARNING when the failure happens."""
     lost: tuple[str, ...] = ()
     """Claimed by someone else between listing and claiming (another replica)."""
 
@@ -64,7 +66,9 @@ async def recover_interrupted(
     interrupted) and logged at ERROR. A run that ``accept`` rejects (e.g. its ``app_version``
     belongs to a phase graph this deploy no longer has) is quarantined the same way with the
     reason. A ``dispatch`` that raises is recorded in the report and as the run's last error;
-    the run stays recoverable.
+    the run stays recoverable. (A run that ``dispatch`` started inside
+    :func:`checkpointed_run` and that later fails with an ordinary exception is finalized like
+    any failed run: its checkpoint is deleted.)
 
     Runs are streamed from the store and at most ``concurrency`` are claimed or dispatched at
     once, so memory is bounded by ``concurrency`` transcripts whatever the backlog. Runs
@@ -82,7 +86,9 @@ async def recover_interrupted(
 
     Raises:
         StoreUnavailableError: the store could not be listed (per-run store errors are
-            reported in ``failed`` instead).
+            reported in ``failed`` instead). Runs dispatched before the listing failed are
+            awaited first, never cancelled.
+        SchemaOutOfDateError: the database is not migrated to the needed revision.
     """
     if max_attempts < 1 or concurrency < 1:
         raise ValueError("max_attempts and concurrency must be >= 1")
@@ -146,7 +152,7 @@ async def recover_interrupted(
             await dispatch(checkpoint)
             dispatched.append(run_id)
         except Exception as exc:
-            failed[run_id] = exc
+            failed[run_id] = _without_frames(exc)
             logger.warning(
                 "recovery of run %s failed (%s: %s); it stays recoverable",
                 run_id,
@@ -162,7 +168,10 @@ async def recover_interrupted(
         finally:
             slots.release()
 
-    async with asyncio.TaskGroup() as group:
+    # Not a TaskGroup: a listing that fails mid-pass must not cancel the runs already
+    # dispatched (each was charged an attempt); they finish, then the typed error is raised.
+    tasks: set[asyncio.Task[None]] = set()
+    try:
         async for summary in store.iter_summaries(
             status=CheckpointStatus.ACTIVE,
             agent_id=agent_id,
@@ -171,7 +180,18 @@ async def recover_interrupted(
             limit=limit,
         ):
             await slots.acquire()
-            group.create_task(recover_one(summary), name=f"executus_ckpt.recover:{summary.run_id}")
+            task = asyncio.get_running_loop().create_task(
+                recover_one(summary), name=f"executus_ckpt.recover:{summary.run_id}"
+            )
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+    except asyncio.CancelledError:
+        await _cancel_all(tasks)
+        raise
+    except BaseException:
+        await _join(tasks)
+        raise
+    await _join(tasks)
 
     report = RecoveryReport(
         dispatched=tuple(dispatched),
@@ -190,3 +210,38 @@ async def recover_interrupted(
         extra={"action": "recovery_pass"},
     )
     return report
+
+
+async def _cancel_all(tasks: set[asyncio.Task[None]]) -> None:
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        await asyncio.wait(set(tasks))
+
+
+async def _join(tasks: set[asyncio.Task[None]]) -> None:
+    """Wait for the dispatched runs; if the pass itself is cancelled meanwhile, cancel them,
+    wait for them, and re-raise."""
+    try:
+        if tasks:
+            await asyncio.wait(set(tasks))
+    except asyncio.CancelledError:
+        await _cancel_all(tasks)
+        raise
+
+
+def _without_frames(exc: BaseException) -> BaseException:
+    """``exc`` with the tracebacks of its chain dropped: their frames hold the claimed
+    transcripts, and a report of many failures must not keep them all alive."""
+    seen: set[int] = set()
+    stack: list[BaseException | None] = [exc]
+    while stack:
+        item = stack.pop()
+        if item is None or id(item) in seen:
+            continue
+        seen.add(id(item))
+        item.__traceback__ = None
+        stack += [item.__cause__, item.__context__]
+        if isinstance(item, BaseExceptionGroup):
+            stack += list(item.exceptions)
+    return exc
