@@ -62,9 +62,11 @@ class Duration(click.ParamType):  # type: ignore[type-arg,unused-ignore]
 
 
 def safe_url(url: str) -> str:
-    """The URL with any password masked (never print a secret)."""
+    """The URL with any password masked, ``?password=`` too (never print a secret)."""
+    from .stores._errors import safe_url as safe
+
     try:
-        return make_url(url).render_as_string(hide_password=True)
+        return safe(make_url(url))
     except ArgumentError:
         return "<unparseable URL>"
 

@@ -154,3 +154,15 @@ async def test_zero_limit_lists_nothing(store: object) -> None:
     assert await store.list_interrupted(limit=0) == []
     assert [s async for s in store.iter_summaries(limit=0)] == []
     assert len(await store.list_interrupted(limit=None)) == 1
+
+
+def test_cli_never_prints_a_query_password() -> None:
+    from click.testing import CliRunner
+
+    from executus_ckpt.cli import main
+
+    url = "postgresql+asyncpg://app@127.0.0.1:1/ckpt?password=hunter2"
+    for args in (["--url", url, "list"], ["--url", url, "stats"], ["--url", url, "current"]):
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code != 0
+        assert "hunter2" not in result.output, result.output
