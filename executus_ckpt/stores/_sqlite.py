@@ -10,18 +10,27 @@ next batch. A caller's future is resolved only after the commit that contains it
 An operation that raises a :class:`CheckpointError` must do so before it writes anything (the
 store's operations validate, then write): the batch goes on without it. Any other error rolls
 back the whole batch and every caller in it gets the error; nothing is half-written.
+
+A batch made only of appends (the save hot path) is one call into aiosqlite's worker thread:
+``BEGIN IMMEDIATE``, each append's ``UPDATE`` and ``executemany``, ``COMMIT``, run there by
+one function on the ``sqlite3`` connection. Each call into that thread costs a queue hand-off
+and an event-loop wake-up (about as much as SQLite's own work for a small append), so one
+call instead of four is what brings a save near the raw driver's floor (bench/RESULTS.md).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import inspect
 import logging
+import sqlite3
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Generic
+from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -34,9 +43,6 @@ from ._engine import WRITE_OPTIONS
 
 logger = logging.getLogger(__name__)
 
-RawOperation = Callable[[Any], Awaitable[T]]
-"""An operation on the raw driver connection (aiosqlite), inside the batch's transaction."""
-
 _SET = _rows.APPENDED
 _TIMES = frozenset(c for c in _SET if isinstance(_rows.header.c[c].type, UTCDateTime))
 _UPDATE = (
@@ -47,32 +53,116 @@ _UPDATE = (
 )
 _INSERT = f"INSERT INTO {messages_table.name} (run_id, seq, data) VALUES (?, ?, ?)"
 
+LINGER = 0.005
+"""Seconds the drainer keeps its connection once its queue is empty: a write that follows
+right behind (a run's next save, issued as soon as the last one returned) reuses it instead
+of checking one out again, which costs about 0.1 ms of event-loop CPU, as much as the rest of
+an append. Longer would hold a pooled connection for nothing between an agent's steps."""
+
 
 def sqlite_time(value: datetime) -> str:
     """A UTC time as SQLAlchemy's SQLite ``DATETIME`` stores it (so Core reads it back)."""
     return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
 
 
-async def _append(connection: Any, a: Append) -> bool:
-    """Two driver calls inside the caller's write transaction (``connection``: aiosqlite)."""
+def _parameters(a: Append) -> tuple[Any, ...]:
     header = [sqlite_time(a.values[c]) if c in _TIMES else a.values[c] for c in _SET]
-    cursor = await connection.execute(
-        _UPDATE, (*header, a.size, a.run_id, a.epoch, a.base, a.size, a.max_bytes)
-    )
-    if cursor.rowcount != 1:
-        return False
-    if a.rows:
-        await connection.executemany(
-            _INSERT, [(a.run_id, a.base + i, d) for i, d in enumerate(a.rows)]
-        )
-    return True
+    return (*header, a.size, a.run_id, a.epoch, a.base, a.size, a.max_bytes)
+
+
+def _rows_of(a: Append) -> list[tuple[str, int, bytes]]:
+    return [(a.run_id, a.base + i, d) for i, d in enumerate(a.rows)]
+
+
+def _apply(db: sqlite3.Connection, appends: Sequence[Append], begin: bool) -> list[bool]:
+    """The appends on the ``sqlite3`` connection, in aiosqlite's worker thread; with ``begin``
+    in a transaction of their own (``BEGIN IMMEDIATE`` … ``COMMIT``), else inside the one
+    the connection is in. Returns whether each one's guard matched."""
+    if begin:
+        db.execute("BEGIN IMMEDIATE")
+    try:
+        applied: list[bool] = []
+        for a in appends:
+            ok = db.execute(_UPDATE, _parameters(a)).rowcount == 1
+            if ok and a.rows:
+                db.executemany(_INSERT, _rows_of(a))
+            applied.append(ok)
+        if begin:
+            db.execute("COMMIT")
+    except BaseException:
+        if begin and db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+    return applied
+
+
+async def _apply_in_hops(driver: Any, appends: Sequence[Append], begin: bool) -> list[bool]:
+    """:func:`_apply` through aiosqlite's public API: one call into its thread per statement
+    (the fallback when :func:`one_hop_class` is None)."""
+    if begin:
+        await driver.execute("BEGIN IMMEDIATE")
+    try:
+        applied: list[bool] = []
+        for a in appends:
+            cursor = await driver.execute(_UPDATE, _parameters(a))
+            ok = cursor.rowcount == 1
+            if ok and a.rows:
+                await driver.executemany(_INSERT, _rows_of(a))
+            applied.append(ok)
+        if begin:
+            await driver.execute("COMMIT")
+    except BaseException:
+        if begin and driver.in_transaction:
+            await driver.execute("ROLLBACK")
+        raise
+    return applied
+
+
+@functools.cache
+def one_hop_class() -> type | None:
+    """``aiosqlite.Connection`` if it has the private API the one-hop path uses, else None.
+
+    ``aiosqlite.Connection._execute(fn, *args)`` runs ``fn(*args)`` in the connection's
+    worker thread and returns its result (every public method of aiosqlite reaches that
+    thread through it; checked with aiosqlite 0.22), and ``Connection._conn`` is the
+    ``sqlite3`` connection. Both are private: checked once, on the first append, and without
+    them appends take the public path (one call per statement, four per save).
+    ``tests/integration/test_group_commit.py`` fails if the fast path stops being used, so an
+    aiosqlite upgrade that drops it is noticed rather than silently slower.
+    """
+    import aiosqlite  # here, not at import: `import executus_ckpt` stays light
+
+    cls = aiosqlite.Connection
+    execute = getattr(cls, "_execute", None)
+    if not inspect.iscoroutinefunction(execute) or not isinstance(
+        getattr(cls, "_conn", None), property
+    ):
+        return None
+    try:
+        params = inspect.signature(execute).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if not any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params):
+        return None
+    return cls
+
+
+async def _run_appends(driver: Any, appends: Sequence[Append], *, begin: bool) -> list[bool]:
+    cls = one_hop_class()
+    if cls is not None and isinstance(driver, cls):
+        connection: Any = driver  # private and untyped: see one_hop_class()
+        result: list[bool] = await connection._execute(_apply, connection._conn, appends, begin)
+        return result
+    return await _apply_in_hops(driver, appends, begin)
 
 
 @dataclass(slots=True)
-class _Pending(Generic[T]):
-    op: Callable[[Any], Awaitable[T]]
-    future: asyncio.Future[T]
-    raw: bool = False
+class _Pending:
+    """A queued write: a Core operation (``op``) or an append (``append``)."""
+
+    future: asyncio.Future[Any]
+    op: Operation[Any] | None = None
+    append: Append | None = None
 
 
 class SQLiteBackend:
@@ -84,11 +174,14 @@ class SQLiteBackend:
         self._write_engine = engine.execution_options(**WRITE_OPTIONS)
         # One connection, checked out by the drainer and kept while writes keep coming (no
         # checkout and reset per batch); returned when the queue is empty, dropped after a
-        # failed batch.
+        # failed batch. ``_driver`` is its aiosqlite connection.
         self._conn: AsyncConnection | None = None
+        self._driver: Any = None
         self._max_batch = max_batch
-        self._queue: deque[_Pending[Any]] = deque()
+        self._queue: deque[_Pending] = deque()
         self._drainer: asyncio.Task[None] | None = None
+        self._wake: asyncio.Future[None] | None = None  # set while the drainer lingers
+        self._closing = False
         self.batches = 0
         self.operations = 0
 
@@ -99,7 +192,8 @@ class SQLiteBackend:
 
         Cancelling the caller does not cancel the write (it is finished with its batch).
         """
-        return await self._enqueue(_Pending(op, self._future()))
+        result: T = await self._enqueue(_Pending(self._future(), op=op))
+        return result
 
     @asynccontextmanager
     async def read(self, *, snapshot: bool) -> AsyncIterator[AsyncConnection]:
@@ -111,19 +205,21 @@ class SQLiteBackend:
                 yield conn
 
     async def append(self, append: Append) -> bool:
-        """The append as a raw operation: a batch made only of these runs on the driver alone
-        (``BEGIN IMMEDIATE`` … ``COMMIT``), the fewest thread hops per save."""
-
-        async def op(driver: Any) -> bool:
-            return await _append(driver, append)
-
-        return await self._enqueue(_Pending(op, self._future(), raw=True))
+        """Queue the append; a batch made only of appends runs as one call into the driver's
+        thread (``BEGIN IMMEDIATE`` … ``COMMIT``)."""
+        applied: bool = await self._enqueue(_Pending(self._future(), append=append))
+        return applied
 
     async def aclose(self) -> None:
         """Wait for queued writes to finish, then close the connection."""
-        if self._drainer is not None and not self._drainer.done():
-            await asyncio.wait([self._drainer])
-        await self._close_connection()
+        self._closing = True
+        try:
+            self._wake_drainer()
+            if self._drainer is not None and not self._drainer.done():
+                await asyncio.wait([self._drainer])
+            await self._close_connection()
+        finally:
+            self._closing = False
 
     # -- the drainer ---------------------------------------------------------------------
 
@@ -131,8 +227,9 @@ class SQLiteBackend:
     def _future() -> asyncio.Future[Any]:
         return asyncio.get_running_loop().create_future()
 
-    async def _enqueue(self, pending: _Pending[T]) -> T:
+    async def _enqueue(self, pending: _Pending) -> Any:
         self._queue.append(pending)
+        self._wake_drainer()
         if self._drainer is None or self._drainer.done():
             self._drainer = asyncio.get_running_loop().create_task(
                 self._drain(), name="executus_ckpt.group_commit"
@@ -140,59 +237,78 @@ class SQLiteBackend:
         return await asyncio.shield(pending.future)
 
     async def _close_connection(self) -> None:
-        conn, self._conn = self._conn, None
+        conn, self._conn, self._driver = self._conn, None, None
         if conn is not None:
             await conn.close()
 
     async def _drain(self) -> None:
-        while True:
-            while self._queue:
-                batch = [
-                    self._queue.popleft() for _ in range(min(self._max_batch, len(self._queue)))
-                ]
-                try:
-                    await self._run(batch)
-                except asyncio.CancelledError:
-                    # Only at loop shutdown: tell the waiters, then stop.
-                    error = StoreUnavailableError(
-                        "write cancelled: the event loop is shutting down"
-                    )
-                    for item in [*batch, *self._queue]:
-                        _settle(item.future, error=error)
-                    self._queue.clear()
-                    await self._discard_connection()
-                    raise
-            # Idle: give the connection back to the pool (a store over a borrowed engine is
-            # not required to be closed). Writes queued while it is returned are taken by
-            # this same drainer: _enqueue() only starts a new one once this one is done.
-            await self._close_connection()
-            if not self._queue:
-                return
-
-    async def _run(self, batch: list[_Pending[Any]]) -> None:
-        results: list[tuple[Any, BaseException | None]] = []
+        batch: list[_Pending] = []
         try:
-            if self._conn is None:
-                self._conn = await self._write_engine.connect()
-            conn = self._conn
-            if all(item.raw for item in batch):
-                raw: Any = (await conn.get_raw_connection()).driver_connection
-                await raw.execute("BEGIN IMMEDIATE")
-                try:
-                    for item in batch:
-                        results.append(await self._call(item, raw))
-                    await raw.execute("COMMIT")
-                except BaseException:
-                    if raw.in_transaction:
-                        await raw.execute("ROLLBACK")
-                    raise
+            while True:
+                while self._queue:
+                    batch = [
+                        self._queue.popleft() for _ in range(min(self._max_batch, len(self._queue)))
+                    ]
+                    await self._run(batch)
+                    batch = []
+                if await self._linger():
+                    continue
+                # Idle: give the connection back to the pool (a store over a borrowed engine
+                # is not required to be closed). Writes queued while it is returned are taken
+                # by this same drainer: _enqueue() only starts a new one once this one is done.
+                await self._close_connection()
+                if not self._queue:
+                    return
+        except asyncio.CancelledError:
+            # Only at loop shutdown: tell the waiters, then stop.
+            error = StoreUnavailableError("write cancelled: the event loop is shutting down")
+            for item in [*batch, *self._queue]:
+                _settle(item.future, error=error)
+            self._queue.clear()
+            await self._discard_connection()
+            raise
+
+    async def _linger(self) -> bool:
+        """Wait up to :data:`LINGER` seconds for another write; True if one was queued."""
+        if self._closing or self._conn is None:
+            return bool(self._queue)
+        loop = asyncio.get_running_loop()
+        wake = self._wake = loop.create_future()
+        timer = loop.call_later(LINGER, _settle, wake)
+        try:
+            await wake
+        finally:
+            timer.cancel()
+            self._wake = None
+        return bool(self._queue)
+
+    def _wake_drainer(self) -> None:
+        if self._wake is not None:
+            _settle(self._wake)
+
+    async def _connection(self) -> tuple[AsyncConnection, Any]:
+        """The held connection and its aiosqlite connection, checked out if needed."""
+        if self._conn is None:
+            conn = await self._write_engine.connect()
+            try:
+                self._driver = (await conn.get_raw_connection()).driver_connection
+            except BaseException:
+                await conn.close()
+                raise
+            self._conn = conn
+        return self._conn, self._driver
+
+    async def _run(self, batch: list[_Pending]) -> None:
+        results: list[tuple[Any, BaseException | None]]
+        try:
+            conn, driver = await self._connection()
+            if all(item.op is None for item in batch):
+                appends = [item.append for item in batch if item.append is not None]
+                applied = await _run_appends(driver, appends, begin=True)
+                results = [(ok, None) for ok in applied]
             else:
                 async with conn.begin():
-                    driver: Any = None
-                    for item in batch:
-                        if item.raw and driver is None:
-                            driver = (await conn.get_raw_connection()).driver_connection
-                        results.append(await self._call(item, driver if item.raw else conn))
+                    results = await self._run_mixed(conn, driver, batch)
         except asyncio.CancelledError:
             await self._discard_connection()
             raise
@@ -211,15 +327,36 @@ class SQLiteBackend:
             _settle(item.future, value=value, error=failure)
 
     @staticmethod
-    async def _call(item: _Pending[Any], conn: Any) -> tuple[Any, BaseException | None]:
-        try:
-            return await item.op(conn), None
-        except CheckpointError as exc:  # raised before the op wrote anything
-            return None, exc
+    async def _run_mixed(
+        conn: AsyncConnection, driver: Any, batch: Sequence[_Pending]
+    ) -> list[tuple[Any, BaseException | None]]:
+        """Core operations and appends, in order, inside the transaction ``conn`` is in; each
+        run of consecutive appends is one call into the driver's thread."""
+        results: list[tuple[Any, BaseException | None]] = []
+        appends: list[Append] = []
+
+        async def flush() -> None:
+            if appends:
+                applied = await _run_appends(driver, appends, begin=False)
+                results.extend((ok, None) for ok in applied)
+                appends.clear()
+
+        for item in batch:
+            if item.append is not None:
+                appends.append(item.append)
+                continue
+            await flush()
+            assert item.op is not None
+            try:
+                results.append((await item.op(conn), None))
+            except CheckpointError as exc:  # raised before the op wrote anything
+                results.append((None, exc))
+        await flush()
+        return results
 
     async def _discard_connection(self) -> None:
         """After a failed batch: drop the connection (its state is unknown); reopen later."""
-        conn, self._conn = self._conn, None
+        conn, self._conn, self._driver = self._conn, None, None
         if conn is None:
             return
         try:

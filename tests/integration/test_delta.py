@@ -72,7 +72,7 @@ async def counting(store: SQLCheckpointStore) -> AsyncIterator[Statements]:
 
     engine = store.engine.sync_engine
     event.listen(engine, "checkout", on_checkout)
-    held = getattr(getattr(store, "_group", None), "_conn", None)
+    held = getattr(getattr(store, "_backend", None), "_conn", None)
     if held is not None:  # SQLite's group committer keeps its connection checked out
         raw = await held.get_raw_connection()
         await raw.driver_connection.set_trace_callback(lambda q: stats.seen.append((q, q)))

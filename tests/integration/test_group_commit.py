@@ -6,6 +6,7 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+import aiosqlite
 import pytest
 from sqlalchemy import event
 
@@ -15,9 +16,12 @@ from executus_ckpt import (
     RunCheckpoint,
     RunCheckpointMeta,
     SQLCheckpointStore,
+    StoreCheckpointerFactory,
     StoreUnavailableError,
     migrate,
 )
+from executus_ckpt.stores import _sqlite
+from executus_ckpt.types import RunCheckpointState, RunInfo
 
 
 @pytest.fixture
@@ -104,6 +108,76 @@ async def test_cancelled_caller_still_commits(sqlite_store: SQLCheckpointStore) 
     async with SQLCheckpointStore.open(str(sqlite_store.engine.url)) as again:
         loaded = await again.load("c")
     assert loaded is not None and loaded.iteration == 3
+
+
+# -- SQLite: the save hot path is one call into aiosqlite's worker thread ----------------------
+
+
+def count_thread_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Names of the functions every aiosqlite connection sends to its worker thread."""
+    calls: list[str] = []
+    original = aiosqlite.Connection._execute
+
+    async def counted(self: Any, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append(getattr(fn, "__name__", type(fn).__name__))
+        return await original(self, fn, *args, **kwargs)
+
+    monkeypatch.setattr(aiosqlite.Connection, "_execute", counted)
+    return calls
+
+
+async def test_sqlite_append_is_one_call_into_the_driver_thread(
+    sqlite_store: SQLCheckpointStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The one-hop path uses aiosqlite's private Connection._execute: if an upgrade removes it
+    # or the backend stops using it, saves would silently take four calls instead.
+    assert _sqlite.one_hop_class() is aiosqlite.Connection, "no _execute/_conn: 4 hops a save"
+    factory = StoreCheckpointerFactory(sqlite_store, throttle=0)
+    run = await factory.begin(RunInfo("hop"))
+    transcript: list[Any] = [{"n": 0}]
+    await run.save(RunCheckpointState(messages=transcript, iteration=0))
+    calls = count_thread_calls(monkeypatch)
+    for step in range(1, 4):
+        transcript.append({"n": step})
+        calls.clear()
+        await run.save(RunCheckpointState(messages=transcript, iteration=step))
+        assert calls == ["_apply"], calls
+    loaded = await sqlite_store.load("hop")
+    assert loaded is not None and loaded.messages == transcript and loaded.iteration == 3
+
+
+async def test_sqlite_appends_without_the_private_api(
+    sqlite_store: SQLCheckpointStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_sqlite, "one_hop_class", lambda: None)
+    calls = count_thread_calls(monkeypatch)
+    await asyncio.gather(*(sqlite_store.save(cp(f"f{i}", 2)) for i in range(3)))
+    calls.clear()
+    await asyncio.gather(*(sqlite_store.append(cp(f"f{i}", 4), base_count=2) for i in range(3)))
+    assert "_apply" not in calls and len(calls) > 1, calls
+    for i in range(3):
+        loaded = await sqlite_store.load(f"f{i}")
+        assert loaded is not None and loaded.messages == [{"n": k} for k in range(4)]
+
+
+async def test_sqlite_appends_and_core_writes_share_a_batch(
+    sqlite_store: SQLCheckpointStore,
+) -> None:
+    await asyncio.gather(*(sqlite_store.save(cp(f"m{i}", 2)) for i in range(4)))
+    commits = count_commits(sqlite_store)
+    results = await asyncio.gather(
+        sqlite_store.append(cp("m0", 4), base_count=2),
+        sqlite_store.save(cp("m1", 3)),  # a Core write in the same batch
+        sqlite_store.append(cp("m2", 5), base_count=3),  # stale base: rewritten in full
+        sqlite_store.append(cp("m3", 3), base_count=2),
+        sqlite_store.register(cp("m4", 0)),
+    )
+    assert results[:4] == [None] * 4 and results[4] == 0
+    assert len(commits) <= 3, f"{len(commits)} commits for one batch and one rewrite"
+    expected = {"m0": 4, "m1": 3, "m2": 5, "m3": 3}
+    for run_id, n in expected.items():
+        loaded = await sqlite_store.load(run_id)
+        assert loaded is not None and loaded.messages == [{"n": k} for k in range(n)], run_id
 
 
 # -- PostgreSQL: concurrent appends of different runs share one statement ---------------------
