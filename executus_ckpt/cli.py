@@ -169,11 +169,15 @@ def _settings(ctx: click.Context, sub_json: bool) -> Settings:
 @click.pass_context
 def migrate(ctx: click.Context, revision: str, sub_json: bool, sub_url: str | None = None) -> None:
     """Bring the schema to REVISION (default: the newest)."""
-    from .migrate import current_revision
+    from .migrate import check_target, current_revision
     from .migrate import migrate as run_migrations
     from .stores.sql import SQLCheckpointStore
 
     s = _settings(ctx, sub_json)
+    try:
+        check_target(revision)  # a bad argument is a usage error, before any connection
+    except CheckpointError as exc:
+        raise click.BadParameter(str(exc), ctx, param_hint="'--revision'") from exc
 
     async def go() -> tuple[str | None, str | None]:
         store = SQLCheckpointStore.from_url(s.url)
@@ -198,7 +202,7 @@ def migrate(ctx: click.Context, revision: str, sub_json: bool, sub_url: str | No
 @click.pass_context
 def current(ctx: click.Context, sub_json: bool, sub_url: str | None = None) -> None:
     """Show the schema revision found and the one this version needs."""
-    from .migrate import current_revision
+    from .migrate import current_revision, is_newer
     from .schema import REQUIRED_REVISION
     from .stores.sql import SQLCheckpointStore
 
@@ -217,10 +221,13 @@ def current(ctx: click.Context, sub_json: bool, sub_url: str | None = None) -> N
     if s.json:
         _emit_json({"found": found, "required": REQUIRED_REVISION, "up_to_date": ok})
     else:
-        click.echo(
-            f"found: {found or 'none'}  required: {REQUIRED_REVISION}  "
-            + ("(up to date)" if ok else "(run: executus-ckpt migrate)")
-        )
+        if ok:
+            advice = "(up to date)"
+        elif is_newer(found):
+            advice = "(a newer release wrote it: upgrade executus-ckpt)"
+        else:
+            advice = "(run: executus-ckpt migrate)"
+        click.echo(f"found: {found or 'none'}  required: {REQUIRED_REVISION}  {advice}")
     if not ok:
         ctx.exit(1)
 

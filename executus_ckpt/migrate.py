@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from functools import cache
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sqlalchemy import Column, Connection, MetaData, String, Table, inspect, select, text
+from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from .config import VERSION_TABLE
-from .errors import SchemaOutOfDateError
+from .errors import CheckpointError, SchemaOutOfDateError
 from .schema import REQUIRED_REVISION
 from .stores._engine import (
     WRITE_OPTIONS,
@@ -71,6 +73,69 @@ def alembic_config(url: str | None = None) -> Config:
     return cfg
 
 
+@cache
+def known_revisions() -> tuple[str, ...]:
+    """Every revision id the shipped migration scripts define, oldest first.
+
+    A revision stored in a database but missing here was written by a newer release.
+    """
+    from alembic.script import ScriptDirectory
+
+    script = ScriptDirectory.from_config(alembic_config())
+    return tuple(rev.revision for rev in reversed(list(script.walk_revisions())))
+
+
+def check_target(revision: str) -> None:
+    """Raise :class:`CheckpointError` unless ``revision`` is a target :func:`migrate` takes.
+
+    The targets are ``"head"``, ``"base"`` and the ids of :func:`known_revisions` (alembic's
+    relative and partial forms are not accepted: an operator names a revision exactly).
+    """
+    known = known_revisions()
+    if revision in ("head", "base") or revision in known:
+        return
+    raise CheckpointError(
+        f"unknown schema revision {revision!r}: use 'head', 'base' or one of {', '.join(known)}"
+    )
+
+
+def is_newer(found: str | None) -> bool:
+    """True if ``found`` is a revision our scripts do not have (a newer release wrote it)."""
+    return found is not None and found not in known_revisions()
+
+
+def schema_error(url: URL, found: str | None) -> SchemaOutOfDateError:
+    """The error for a database at revision ``found`` (``None``: never migrated).
+
+    Its message and ``command`` name the fix that works: ``executus-ckpt migrate`` for a
+    missing or older schema; upgrading the library for a schema written by a newer release
+    (this release's scripts cannot move a database off a revision they do not have).
+    """
+    where = safe_url(url)
+    if is_newer(found):
+        from . import __version__
+
+        command = "pip install --upgrade executus-ckpt"
+        return SchemaOutOfDateError(
+            f"the database at {where} is at schema revision {found}, which executus-ckpt "
+            f"{__version__} does not know (it requires revision {REQUIRED_REVISION}): a newer "
+            f"release migrated it. Upgrade executus-ckpt to the release that wrote revision "
+            f"{found} or a later one (`{command}`); this release cannot migrate it",
+            found=found,
+            required=REQUIRED_REVISION,
+            command=command,
+        )
+    command = f"executus-ckpt migrate --url '{where}'"
+    state = "has no executus_ckpt schema" if found is None else f"is at schema revision {found}"
+    return SchemaOutOfDateError(
+        f"the database at {where} {state}, but this version of executus_ckpt requires revision "
+        f"{REQUIRED_REVISION}; run `{command}` (or `await executus_ckpt.migrate(url)`)",
+        found=found,
+        required=REQUIRED_REVISION,
+        command=command,
+    )
+
+
 async def migrate(url_or_engine: str | AsyncEngine, revision: str = "head") -> None:
     """Upgrade (or downgrade, for a revision below the current one) the checkpoint schema.
 
@@ -85,8 +150,12 @@ async def migrate(url_or_engine: str | AsyncEngine, revision: str = "head") -> N
         revision: target revision; ``"head"`` (default), a revision id, or ``"base"``.
 
     Raises:
+        CheckpointError: ``revision`` is not one of those (checked before connecting).
+        SchemaOutOfDateError: the database is at a revision a newer release wrote; nothing
+            was changed (upgrade executus-ckpt instead).
         StoreUnavailableError: the database could not be reached or failed.
     """
+    check_target(revision)
     await run_with_connection(url_or_engine, _run, alembic_config(), revision)
 
 
@@ -120,9 +189,13 @@ async def run_with_connection(
 def _run(connection: Connection, cfg: Config, revision: str) -> None:
     from alembic import command
     from alembic.script import ScriptDirectory
+    from alembic.script.revision import RevisionError
+    from alembic.util import CommandError
 
     cfg.attributes["connection"] = connection
     current = _read_revision(connection)
+    if is_newer(current):
+        raise schema_error(connection.engine.url, current)
     script = ScriptDirectory.from_config(cfg)
     target = script.get_current_head() if revision == "head" else revision
     if revision == "base" or (
@@ -132,10 +205,14 @@ def _run(connection: Connection, cfg: Config, revision: str) -> None:
         and target in {rev.revision for rev in script.iterate_revisions(current, "base")}
     ):
         logger.info("downgrading checkpoint schema from %s to %s", current, revision)
-        command.downgrade(cfg, revision)
+        step = command.downgrade
     else:
         logger.info("upgrading checkpoint schema from %s to %s", current, revision)
-        command.upgrade(cfg, revision)
+        step = command.upgrade
+    try:
+        step(cfg, revision)
+    except (CommandError, RevisionError) as exc:  # a backstop: the cases we know are refused above
+        raise CheckpointError(f"migrating to schema revision {revision!r} failed: {exc}") from exc
 
 
 def _read_revision(connection: Connection) -> str | None:
@@ -159,17 +236,11 @@ async def current_revision(engine: AsyncEngine) -> str | None:
 
 
 async def check_schema_revision(engine: AsyncEngine) -> None:
-    """Raise :class:`SchemaOutOfDateError` unless the database is at ``REQUIRED_REVISION``."""
+    """Raise :class:`SchemaOutOfDateError` unless the database is at ``REQUIRED_REVISION``.
+
+    The error names the fix (see :func:`schema_error`); only then are the migration scripts
+    read, so a store on an up-to-date database never imports alembic.
+    """
     found = await current_revision(engine)
-    if found == REQUIRED_REVISION:
-        return
-    url = safe_url(engine.url)
-    command = f"executus-ckpt migrate --url '{url}'"
-    state = "has no executus_ckpt schema" if found is None else f"is at schema revision {found}"
-    raise SchemaOutOfDateError(
-        f"the database at {url} {state}, but this version of executus_ckpt requires revision "
-        f"{REQUIRED_REVISION}; run `{command}` (or `await executus_ckpt.migrate(url)`)",
-        found=found,
-        required=REQUIRED_REVISION,
-        command=command,
-    )
+    if found != REQUIRED_REVISION:
+        raise schema_error(engine.url, found)

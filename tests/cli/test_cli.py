@@ -20,7 +20,9 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
+from sqlalchemy import text
 from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from executus_ckpt import (
     CheckpointStatus,
@@ -29,7 +31,7 @@ from executus_ckpt import (
     SQLCheckpointStore,
 )
 from executus_ckpt.cli import main
-from executus_ckpt.config import ENV_DATABASE_URL
+from executus_ckpt.config import ENV_DATABASE_URL, VERSION_TABLE
 from executus_ckpt.schema import REQUIRED_REVISION
 
 SECRET = "s3cr3tpw"
@@ -793,6 +795,47 @@ def test_unmigrated_error_names_a_command_that_works(empty_sql_url: str) -> None
     assert result.exit_code == 0, f"the suggested fix `{fix}` failed:\n{_describe(result)}"
     ok(invoke(["current"], url=empty_sql_url))
     assert "no checkpoints match" in ok(invoke(["list"], url=empty_sql_url)).stdout
+
+
+def stamp(url: str, revision: str) -> None:
+    """Mark the database as migrated to ``revision`` (as another release would have)."""
+
+    async def go() -> None:
+        engine = create_async_engine(url)
+        try:
+            async with engine.begin() as conn:
+                await conn.execute(
+                    text(f"UPDATE {VERSION_TABLE} SET version_num = :r"), {"r": revision}
+                )
+        finally:
+            await engine.dispose()
+
+    asyncio.run(go())
+
+
+def test_schema_of_a_newer_release_names_the_upgrade(sql_url: str) -> None:
+    """Issue 10 item 8: one line, exit 1, and the fix that works (not `migrate`)."""
+    stamp(sql_url, "9999")
+    for args in (["migrate"], ["migrate", "--revision", "base"], ["list"], ["stats"]):
+        line = one_error_line(failed(invoke(args, url=sql_url), 1))
+        assert "9999" in line and REQUIRED_REVISION in line, args
+        assert "upgrade executus-ckpt" in line.lower(), args
+        assert "executus-ckpt migrate" not in line, args
+    result = failed(invoke(["current"], url=sql_url), 1)
+    assert "found: 9999" in result.stdout
+    assert "upgrade executus-ckpt" in result.stdout.lower()
+    assert "executus-ckpt migrate" not in result.stdout
+    doc = json_doc(failed(invoke(["current", "--json"], url=sql_url), 1))
+    assert doc == {"found": "9999", "required": REQUIRED_REVISION, "up_to_date": False}
+
+
+@pytest.mark.parametrize("revision", ["nonsense", "heads", ""])
+def test_migrate_to_an_unknown_revision_is_a_usage_error(empty_sql_url: str, revision: str) -> None:
+    result = failed(invoke(["migrate", "--revision", revision], url=empty_sql_url), 2)
+    line = usage_error_line(result)
+    assert repr(revision) in line and "head" in line and REQUIRED_REVISION in line
+    assert result.stdout == ""
+    failed(invoke(["current"], url=empty_sql_url), 1)  # nothing was migrated
 
 
 # -- the database URL and passwords ------------------------------------------------------------

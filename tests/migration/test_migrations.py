@@ -374,8 +374,10 @@ async def test_store_refuses_unmigrated_db_lazily_on_first_use(empty_sql_url: st
     assert "run_checkpoints" not in await _tables(empty_sql_url)
 
 
-@pytest.mark.parametrize("stamped", ["0000", "9999"])
-async def test_store_refuses_db_at_other_revision(sql_url: str, stamped: str) -> None:
+async def test_store_refuses_db_at_an_older_revision(sql_url: str) -> None:
+    # A revision our scripts do not know (a newer release's) is tested in
+    # test_migration_errors.py: its fix is another one.
+    stamped = "0001"
     await _execute(sql_url, f"UPDATE {VERSION_TABLE} SET version_num = '{stamped}'")
     url = _with_password(sql_url, "s3cretpw")
     with pytest.raises(SchemaOutOfDateError) as info:
