@@ -51,11 +51,16 @@ def driver_errors() -> tuple[type[BaseException], ...]:
 
 
 def driver_error(exc: BaseException) -> BaseException:
-    """The driver's own exception under SQLAlchemy's (and its adapter's) wrappers."""
+    """The driver's own exception under SQLAlchemy's (and its adapter's) wrappers.
+
+    A cancellation is never the driver's failure: a ``TimeoutError`` raised from the
+    ``CancelledError`` that enforced a timeout is itself the error to describe.
+    """
     inner = exc.orig if isinstance(exc, sa_exc.DBAPIError) and exc.orig is not None else exc
-    return (
-        inner.__cause__ if getattr(inner, "sqlstate", None) is None and inner.__cause__ else inner
-    )
+    cause = inner.__cause__
+    if getattr(inner, "sqlstate", None) is None and isinstance(cause, Exception):
+        return cause
+    return inner
 
 
 def is_bad_data(exc: BaseException) -> bool:
@@ -96,8 +101,10 @@ def map_error(
 ) -> CheckpointError:
     """The typed error for a driver failure ``exc`` while ``action`` ran on ``run_id``."""
     inner = driver_error(exc)
-    if type(inner) is TimeoutError and not str(inner) and timeout is not None:
-        described = f"no answer within {timeout:g} s (operation_timeout)"
+    if type(inner) is TimeoutError and not str(inner):
+        # asyncpg's connect timeout raises the same bare TimeoutError as ours.
+        bound = "" if timeout is None else f" ({timeout:g} s)"
+        described = f"timed out: no answer within connect_timeout or operation_timeout{bound}"
     else:
         described = f"{type(inner).__name__}: {inner}"
     what = f" run {run_id!r}" if run_id else ""
