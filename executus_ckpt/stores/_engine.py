@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from sqlalchemy import event
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
@@ -70,7 +71,28 @@ def create_engine(
         # Every path of ours ends its own transaction (SQLAlchemy's Connection rolls back on
         # close what it began), so the pool's extra reset is a wasted thread hop.
         options.setdefault("pool_reset_on_return", None)
-    return create_async_engine(parsed, **options)
+    engine = create_async_engine(parsed, **options)
+    if parsed.get_backend_name() == "postgresql":
+        discard_closed_connections(engine)
+    return engine
+
+
+def discard_closed_connections(engine: AsyncEngine) -> None:
+    """Never hand out a pooled asyncpg connection that the server or the network closed.
+
+    asyncpg notices a closed socket (``pg_terminate_backend``, a restart, a reset) on its own,
+    without a round trip: at checkout such a connection is dropped, and with it every
+    connection the pool held at the time (they most likely died together), so that one
+    outage fails no caller for a dead connection (no ``pool_pre_ping`` round trips either).
+    The store's raw-driver appends bypass SQLAlchemy's own disconnect handling: this covers
+    them too.
+    """
+
+    @event.listens_for(engine.sync_engine, "checkout")
+    def _check_open(dbapi_connection: Any, record: Any, proxy: Any) -> None:
+        driver = getattr(dbapi_connection, "driver_connection", None)
+        if driver is not None and driver.is_closed():
+            raise sa_exc.InvalidatePoolError("pooled connection closed by the server or network")
 
 
 def _password_in_place(url: URL) -> URL:
