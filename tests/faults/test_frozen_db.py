@@ -68,38 +68,6 @@ def proxy(pg_url: str) -> Iterator[TCPProxy]:
         p.close()
 
 
-UNRETRIEVED = "Future exception was never retrieved"
-
-
-@pytest.fixture
-async def unretrieved() -> AsyncIterator[list[dict[str, Any]]]:
-    """Collect the loop's "never retrieved" reports instead of failing the test on them.
-
-    A PostgreSQL append that timed out leaves its driver error on a future nobody awaits
-    (pinned by test_timed_out_append_leaves_no_unretrieved_error, xfail): collected here, with
-    a garbage collection at teardown so that they never surface in a later test. Every other
-    loop error still fails the test (tests/conftest.py).
-    """
-    loop = asyncio.get_running_loop()
-    previous = loop.get_exception_handler()
-    found: list[dict[str, Any]] = []
-
-    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-        if context.get("message") == UNRETRIEVED:
-            found.append(context)
-        elif previous is not None:
-            previous(loop, context)
-        else:
-            loop.default_exception_handler(context)
-
-    loop.set_exception_handler(handler)
-    try:
-        yield found
-        gc.collect()
-    finally:
-        loop.set_exception_handler(previous)
-
-
 @pytest.fixture
 async def store(
     pg_url: str, proxy: TCPProxy, unretrieved: list[dict[str, Any]]
