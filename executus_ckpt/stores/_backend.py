@@ -13,7 +13,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 T = TypeVar("T")
 
@@ -37,6 +37,18 @@ class Append:
     epoch: int
     values: Mapping[str, Any]
     """Values of ``_rows.APPENDED`` columns (``message_count`` included)."""
+
+
+def checkout_listeners(engine: AsyncEngine) -> tuple[Any, ...]:
+    """The pool's ``checkout`` listeners now (compared by identity).
+
+    Both backends keep a pooled connection while appends keep coming instead of checking it
+    out per batch. Whatever listens to checkouts (the store's own hooks, a host's
+    instrumentation, a test's tracer) must still see the connection before its next write,
+    as it would have without the hold: a held connection is given back and checked out again
+    when this changed since its checkout.
+    """
+    return tuple(engine.sync_engine.pool.dispatch.checkout)
 
 
 class Backend(Protocol):

@@ -10,6 +10,8 @@ else stays on SQLAlchemy Core.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -19,7 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ..schema import run_checkpoint_messages as messages_table
 from . import _rows
-from ._backend import Append, Operation, T
+from ._backend import Append, Operation, T, checkout_listeners
 from ._errors import is_bad_data
 
 _H = _rows.header.name
@@ -52,36 +54,48 @@ def _batch_sql() -> str:
     )
 
 
-def _single_sql() -> str:
+VALUES_MAX = 16
+"""Appends of up to this many messages list them as parameters (``VALUES``) rather than as
+arrays: asyncpg has no built-in codec for ``int[]`` or ``bytea[]`` and introspects them, once
+per connection, with a catalog query that takes 7-25 ms (the first save on every new pooled
+connection, so the first save of a run on a fresh store). Scalars need none."""
+
+
+@functools.cache
+def _single_sql(count: int | None) -> str:
+    """The one-statement append of ``count`` messages (``None``: any number, as arrays)."""
     sets = ", ".join(f"{c} = ${i}" for i, c in enumerate(_SET, start=2))
     n = len(_SET) + 2
+    base = f"${n + 1}"
+    if count is None:
+        rows = f"unnest(${n + 3}::bytea[]) WITH ORDINALITY AS x(d, k)"
+        select = f"SELECT $1, {base} + x.k::int - 1, x.d FROM {rows}"
+    else:
+        values = ", ".join(f"({k}, ${n + 3 + k}::bytea)" for k in range(count))
+        select = f"SELECT $1, {base} + x.k, x.d FROM (VALUES {values}) AS x(k, d)"
+    insert = (
+        f", ins AS (INSERT INTO {_M} (run_id, seq, data) {select} WHERE EXISTS (SELECT 1 FROM h))"
+        if count != 0
+        else ""
+    )
     return (
         f"WITH h AS (UPDATE {_H} SET {sets}, size_bytes = size_bytes + ${n} "
-        f"WHERE run_id = $1 AND epoch <= ${2 + _SET.index('epoch')} AND message_count = ${n + 1} "
-        f"AND size_bytes + ${n} <= ${n + 2} RETURNING 1), "
-        f"ins AS (INSERT INTO {_M} (run_id, seq, data) "
-        f"SELECT $1, x.s, x.d FROM unnest(${n + 3}::int[], ${n + 4}::bytea[]) AS x(s, d) "
-        f"WHERE EXISTS (SELECT 1 FROM h)) "
-        f"SELECT count(*) FROM h"
+        f"WHERE run_id = $1 AND epoch <= ${2 + _SET.index('epoch')} AND message_count = {base} "
+        f"AND size_bytes + ${n} <= ${n + 2} RETURNING 1){insert} "
+        "SELECT count(*) FROM h"
     )
 
 
-_APPEND = _single_sql()
 _BATCH_APPEND = _batch_sql()
 
 
 async def _append_one(connection: Any, a: Append) -> bool:
     """One statement, one round trip, atomic on its own (``connection``: asyncpg, no txn)."""
-    updated = await connection.fetchval(
-        _APPEND,
-        a.run_id,
-        *(a.values[c] for c in _SET),
-        a.size,
-        a.base,
-        a.max_bytes,
-        list(range(a.base, a.base + len(a.rows))),
-        list(a.rows),
-    )
+    header = (a.run_id, *(a.values[c] for c in _SET), a.size, a.base, a.max_bytes)
+    if len(a.rows) <= VALUES_MAX:
+        updated = await connection.fetchval(_single_sql(len(a.rows)), *header, *a.rows)
+    else:
+        updated = await connection.fetchval(_single_sql(None), *header, list(a.rows))
     return bool(updated)
 
 
@@ -103,14 +117,21 @@ async def _append_batch(connection: Any, batch: Sequence[Append]) -> set[str]:
     return {r[0] for r in rows}
 
 
+LINGER = 0.005
+"""Seconds an append drainer keeps its connection once the queue is empty: an append that
+follows right behind (a run's next save) reuses it instead of checking one out of
+SQLAlchemy's pool again (about 0.1 ms of event-loop CPU, a quarter of a save's)."""
+
+
 class PostgresBackend:
     """Writes in pooled transactions; appends group-committed by up to ``parallel`` drainers.
 
     Up to ``parallel`` drainer tasks, owned here, each send whatever is queued as one
-    statement (on its own connection) and resolve each caller with whether its guard matched;
-    appends that arrive meanwhile form the next batch. A lone append is one statement. Two
-    appends of one run never share a batch (in parallel batches the second one's guard fails
-    on the row the first one changed, and it is rewritten in full: never a mix).
+    statement (on its own connection, kept while appends keep coming) and resolve each caller
+    with whether its guard matched; appends that arrive meanwhile form the next batch. A lone
+    append is one statement. Two appends of one run never share a batch (in parallel batches
+    the second one's guard fails on the row the first one changed, and it is rewritten in
+    full: never a mix).
     """
 
     def __init__(self, engine: AsyncEngine, *, max_batch: int = 64, parallel: int = 2) -> None:
@@ -119,6 +140,8 @@ class PostgresBackend:
         self._parallel = parallel
         self._queue: deque[tuple[Append, asyncio.Future[bool]]] = deque()
         self._drainers: set[asyncio.Task[None]] = set()
+        self._idle: deque[asyncio.Future[None]] = deque()  # lingering drainers' wake-ups
+        self._closing = False
         self._writes: set[asyncio.Task[Any]] = set()
 
     async def write(self, op: Operation[T]) -> T:
@@ -147,30 +170,49 @@ class PostgresBackend:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[bool] = loop.create_future()
         self._queue.append((append, future))
-        if len(self._drainers) < self._parallel:
+        if not self._wake_one() and len(self._drainers) < self._parallel:
             task = loop.create_task(self._drain(), name="executus_ckpt.pg_append")
             self._drainers.add(task)
             task.add_done_callback(self._drainers.discard)
-        return await asyncio.shield(future)
+        # Not shielded: cancelling the caller cancels only this future, never the drainer's
+        # statement (which then skips it); a shield would cost another loop turn per save.
+        return await future
 
     async def aclose(self) -> None:
-        pending = self._drainers | self._writes
-        if pending:
-            await asyncio.wait(pending)
+        self._closing = True
+        try:
+            while self._wake_one():
+                pass
+            pending = self._drainers | self._writes
+            if pending:
+                await asyncio.wait(pending)
+        finally:
+            self._closing = False
 
-    @asynccontextmanager
-    async def _raw_connection(self) -> AsyncIterator[Any]:
-        """A pooled asyncpg connection outside any transaction (autocommit statements)."""
-        async with self._engine.connect() as conn:
-            raw = await conn.get_raw_connection()
-            try:
-                yield raw.driver_connection
-            except BaseException as exc:
-                if not is_bad_data(exc):
-                    # The pool cannot see errors raised past SQLAlchemy: drop the connection
-                    # rather than hand it out again in an unknown state.
-                    await conn.invalidate()
-                raise
+    def _wake_one(self) -> bool:
+        """Wake a lingering drainer; False if none was lingering."""
+        while self._idle:
+            wake = self._idle.popleft()
+            if not wake.done():
+                wake.set_result(None)
+                return True
+        return False
+
+    async def _linger(self) -> bool:
+        """Wait up to :data:`LINGER` seconds for another append; True if one is queued."""
+        if self._closing:
+            return bool(self._queue)
+        loop = asyncio.get_running_loop()
+        wake: asyncio.Future[None] = loop.create_future()
+        self._idle.append(wake)
+        timer = loop.call_later(LINGER, _wake, wake)
+        try:
+            await wake
+        finally:
+            timer.cancel()
+            if wake in self._idle:
+                self._idle.remove(wake)
+        return bool(self._queue)
 
     def _take(self) -> list[tuple[Append, asyncio.Future[bool]]]:
         batch: list[tuple[Append, asyncio.Future[bool]]] = []
@@ -187,32 +229,73 @@ class PostgresBackend:
         return batch
 
     async def _drain(self) -> None:
-        while self._queue:
-            batch = self._take()
-            try:
-                async with self._raw_connection() as connection:
-                    if len(batch) == 1:
-                        first = batch[0][0]
-                        ok = await _append_one(connection, first)
-                        applied = {first.run_id} if ok else set()
-                    else:
-                        applied = await _append_batch(connection, [a for a, _ in batch])
-            except asyncio.CancelledError:
-                for _, future in [*batch, *self._queue]:
-                    if not future.done():
-                        future.cancel()
-                self._queue.clear()
-                raise
-            except BaseException as exc:
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(exc)
-                if not isinstance(exc, Exception):
-                    raise
-                continue
-            for append, future in batch:
-                if not future.done():
-                    future.set_result(append.run_id in applied)
+        # A pooled connection, kept while appends keep coming; its asyncpg connection is used
+        # outside any transaction (each statement commits on its own).
+        conn: AsyncConnection | None = None
+        driver: Any = None
+        listeners: tuple[Any, ...] = ()
+        try:
+            while True:
+                while self._queue:
+                    batch = self._take()
+                    try:
+                        if conn is not None:
+                            # Closed by the server or the network while held (the pool's
+                            # checkout check would have caught it), or checkout listeners
+                            # that have not seen it: check one out again.
+                            closed = driver.is_closed()
+                            if closed or checkout_listeners(self._engine) != listeners:
+                                held, conn = conn, None
+                                await (_invalidate(held) if closed else held.close())
+                        if conn is None:
+                            listeners = checkout_listeners(self._engine)
+                            conn = await self._engine.connect()
+                            driver = (await conn.get_raw_connection()).driver_connection
+                        if len(batch) == 1:
+                            first = batch[0][0]
+                            ok = await _append_one(driver, first)
+                            applied = {first.run_id} if ok else set()
+                        else:
+                            applied = await _append_batch(driver, [a for a, _ in batch])
+                    except asyncio.CancelledError:
+                        for _, future in [*batch, *self._queue]:
+                            if not future.done():
+                                future.cancel()
+                        self._queue.clear()
+                        if conn is not None:  # a statement may be in flight: drop it
+                            held, conn = conn, None
+                            await _invalidate(held)
+                        raise
+                    except BaseException as exc:
+                        if conn is not None and not is_bad_data(exc):
+                            # The pool cannot see errors raised past SQLAlchemy: drop the
+                            # connection rather than hand it out again in an unknown state.
+                            held, conn = conn, None
+                            await _invalidate(held)
+                        for _, future in batch:
+                            if not future.done():
+                                future.set_exception(exc)
+                        if not isinstance(exc, Exception):
+                            raise
+                        continue
+                    for append, future in batch:
+                        if not future.done():
+                            future.set_result(append.run_id in applied)
+                if conn is None or not await self._linger():
+                    return
+        finally:
+            if conn is not None:
+                await conn.close()
+
+
+def _wake(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+async def _invalidate(conn: AsyncConnection) -> None:
+    with contextlib.suppress(Exception):  # already broken: nothing more to release
+        await conn.invalidate()
 
 
 def _forget(tasks: set[asyncio.Task[Any]]) -> Any:

@@ -38,7 +38,7 @@ from ..errors import CheckpointError, StoreUnavailableError
 from ..schema import UTCDateTime
 from ..schema import run_checkpoint_messages as messages_table
 from . import _rows
-from ._backend import Append, Operation, T
+from ._backend import Append, Operation, T, checkout_listeners
 from ._engine import WRITE_OPTIONS
 
 logger = logging.getLogger(__name__)
@@ -173,10 +173,11 @@ class SQLiteBackend:
         self._engine = engine
         self._write_engine = engine.execution_options(**WRITE_OPTIONS)
         # One connection, checked out by the drainer and kept while writes keep coming (no
-        # checkout and reset per batch); returned when the queue is empty, dropped after a
-        # failed batch. ``_driver`` is its aiosqlite connection.
+        # checkout per batch); returned when the queue stays empty for LINGER seconds,
+        # dropped after a failed batch. ``_driver`` is its aiosqlite connection.
         self._conn: AsyncConnection | None = None
         self._driver: Any = None
+        self._listeners: tuple[Any, ...] = ()  # checkout listeners at its checkout
         self._max_batch = max_batch
         self._queue: deque[_Pending] = deque()
         self._drainer: asyncio.Task[None] | None = None
@@ -234,7 +235,10 @@ class SQLiteBackend:
             self._drainer = asyncio.get_running_loop().create_task(
                 self._drain(), name="executus_ckpt.group_commit"
             )
-        return await asyncio.shield(pending.future)
+        # Not shielded: cancelling the caller cancels only this future, never its write (the
+        # drainer finishes the batch and skips a cancelled future); a shield would cost
+        # another loop turn per save.
+        return await pending.future
 
     async def _close_connection(self) -> None:
         conn, self._conn, self._driver = self._conn, None, None
@@ -288,7 +292,11 @@ class SQLiteBackend:
 
     async def _connection(self) -> tuple[AsyncConnection, Any]:
         """The held connection and its aiosqlite connection, checked out if needed."""
+        listeners = checkout_listeners(self._engine)
+        if self._conn is not None and listeners != self._listeners:
+            await self._close_connection()  # let the new checkout listeners see it
         if self._conn is None:
+            self._listeners = listeners
             conn = await self._write_engine.connect()
             try:
                 self._driver = (await conn.get_raw_connection()).driver_connection

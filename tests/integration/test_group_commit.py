@@ -248,3 +248,14 @@ async def test_pg_batch_member_with_a_stale_base_falls_back(pg_store: SQLCheckpo
     for i in range(5):
         loaded = await pg_store.load(f"r{i}")
         assert loaded.messages == [{"n": k} for k in range(4)], i
+
+
+@pytest.mark.parametrize("added", [0, 1, 3, 16, 17, 40])
+async def test_pg_append_of_any_length(pg_store: SQLCheckpointStore, added: int) -> None:
+    # Up to VALUES_MAX messages are listed as parameters (no array types for asyncpg to
+    # introspect on a fresh connection); more go as arrays. Both append the same rows.
+    await pg_store.save(cp("len", 2))
+    await pg_store.append(cp("len", 2 + added), base_count=2)
+    loaded = await pg_store.load("len")
+    assert loaded is not None and loaded.messages == [{"n": k} for k in range(2 + added)]
+    assert loaded.iteration == 2 + added
