@@ -16,7 +16,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
@@ -36,8 +36,6 @@ from executus_ckpt import (
 )
 from executus_ckpt.testing import ManualClock
 from tests.proxy import TCPProxy
-
-T = TypeVar("T")
 
 OPERATION_TIMEOUT = 1.0
 CONNECT_TIMEOUT = 1.0
