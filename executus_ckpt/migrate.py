@@ -6,12 +6,16 @@ it once) is a plain Core query, so ``import executus_ckpt`` does not load alembi
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Callable
+import threading
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from functools import cache
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
+from weakref import WeakKeyDictionary
 
 from sqlalchemy import Column, Connection, MetaData, String, Table, inspect, select, text
 from sqlalchemy.engine import URL
@@ -39,6 +43,16 @@ _version_table = Table(VERSION_TABLE, MetaData(), Column("version_num", String(3
 """alembic's version table, read with Core (kept apart from ``schema.metadata``)."""
 
 _MIGRATION_LOCK = 0x65786563_636B7074  # "execckpt": PostgreSQL advisory lock key
+
+# alembic keeps the running migration in module globals (`alembic.context`, `alembic.op`):
+# two runs in one process, even on two databases or two event loops, would overwrite each
+# other's (KeyError('config')). The database lock cannot help there, so the process takes
+# turns too: tasks of one loop queue on that loop's asyncio.Lock, loops (threads) on one
+# threading.Lock that is polled, never waited on, so that no loop blocks.
+_process_turn = threading.Lock()
+_loop_turns: WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = WeakKeyDictionary()
+_loop_turns_guard = threading.Lock()
+_POLL_MAX = 0.05  # seconds between tries for another loop's turn, at most
 
 
 def script_location() -> str:
@@ -166,6 +180,8 @@ async def run_with_connection(
 
     The connection is set up as the store sets up its own (SQLite pragmas, ``BEGIN
     IMMEDIATE``), so migrating a live SQLite file waits for writers instead of failing.
+    One run at a time per process (alembic's state is global), and per PostgreSQL database
+    (an advisory lock) or SQLite file (its write lock) across processes.
     """
     owned = isinstance(url_or_engine, str)
     engine = create_engine(url_or_engine) if isinstance(url_or_engine, str) else url_or_engine
@@ -173,17 +189,39 @@ async def run_with_connection(
         preflight(engine)
         create_private_file(engine)
         configure_sqlite(engine)
-        with mapped_errors(engine.url, "migrating"):
-            async with engine.execution_options(**WRITE_OPTIONS).connect() as conn:
-                if conn.dialect.name == "postgresql":
-                    await conn.execute(
-                        text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK}
-                    )
-                await conn.run_sync(fn, *args)
-                await conn.commit()
+        async with _one_migration_at_a_time():
+            await _run_locked(engine, fn, *args)
     finally:
         if owned:
             await engine.dispose()
+
+
+async def _run_locked(engine: AsyncEngine, fn: Callable[..., None], *args: object) -> None:
+    with mapped_errors(engine.url, "migrating"):
+        async with engine.execution_options(**WRITE_OPTIONS).connect() as conn:
+            if conn.dialect.name == "postgresql":
+                await conn.execute(
+                    text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK}
+                )
+            await conn.run_sync(fn, *args)
+            await conn.commit()
+
+
+@asynccontextmanager
+async def _one_migration_at_a_time() -> AsyncIterator[None]:
+    """Hold this process's migration turn (see ``_process_turn``); cancellable while waiting."""
+    loop = asyncio.get_running_loop()
+    with _loop_turns_guard:
+        turn = _loop_turns.setdefault(loop, asyncio.Lock())
+    async with turn:
+        delay = 0.001
+        while not _process_turn.acquire(blocking=False):
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, _POLL_MAX)
+        try:
+            yield
+        finally:
+            _process_turn.release()
 
 
 def _run(connection: Connection, cfg: Config, revision: str) -> None:
