@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import re
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
@@ -30,6 +31,11 @@ from .protocols import AdminStore
 from .types import CheckpointStats, CheckpointStatus, CheckpointSummary, RunCheckpoint, utcnow
 
 T = TypeVar("T")
+
+ENV_TIMEOUT = "EXECUTUS_CKPT_TIMEOUT"
+"""The environment variable behind ``--timeout``."""
+DEFAULT_TIMEOUT = 10.0
+"""Seconds the CLI waits to connect, and for each database operation, before giving up."""
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -61,6 +67,43 @@ class Duration(click.ParamType):  # type: ignore[type-arg,unused-ignore]
             self.fail(str(exc), param, ctx)
 
 
+_URL_EXAMPLE = "expected e.g. sqlite+aiosqlite:///file.db or postgresql+asyncpg://user@host/db"
+
+
+class DatabaseURL(click.ParamType):  # type: ignore[type-arg,unused-ignore]
+    """A database URL SQLAlchemy can read, checked before anything connects.
+
+    A bad port or IPv6 host made ``make_url`` raise ``ValueError`` deep inside a command,
+    which printed a traceback; here it is a usage error (exit 2) with one error line. The
+    URL itself is not repeated: an unreadable URL cannot be printed with its password masked.
+    """
+
+    name = "url"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        text = str(value)
+        try:
+            port = make_url(text).port
+        except ArgumentError:
+            self.fail(f"the database URL is malformed; {_URL_EXAMPLE}", param, ctx)
+        except ValueError:
+            self.fail(
+                "the database URL is malformed: its host or port cannot be read (the port is "
+                "a number, an IPv6 host is written in brackets: [::1])",
+                param,
+                ctx,
+            )
+        if port is not None and not 0 < port < 65536:
+            self.fail(f"the database URL is malformed: port {port} is not in 1-65535", param, ctx)
+        return text
+
+
+def _positive_seconds(ctx: click.Context, param: click.Parameter, value: float) -> float:
+    if not (math.isfinite(value) and value > 0):
+        raise click.BadParameter(f"{value!r} is not a positive number of seconds", ctx, param)
+    return value
+
+
 def safe_url(url: str) -> str:
     """The URL with any password masked, ``?password=`` too (never print a secret)."""
     from .stores._errors import safe_url as safe
@@ -75,6 +118,7 @@ def safe_url(url: str) -> str:
 class Settings:
     url: str
     json: bool
+    timeout: float = DEFAULT_TIMEOUT
 
 
 def _run(coro: Coroutine[Any, Any, T]) -> T:
@@ -97,7 +141,9 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
 async def _store(settings: Settings) -> AsyncIterator[AdminStore]:
     from .stores.sql import SQLCheckpointStore
 
-    async with SQLCheckpointStore.open(settings.url) as store:
+    async with SQLCheckpointStore.open(
+        settings.url, connect_timeout=settings.timeout, operation_timeout=settings.timeout
+    ) as store:
         yield store
 
 
@@ -128,27 +174,41 @@ def _size(n: int) -> str:
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option(
     "--url",
+    type=DatabaseURL(),
     envvar=ENV_DATABASE_URL,
     default=DEFAULT_DATABASE_URL,
     show_default=True,
     help=f"Database URL; else ${ENV_DATABASE_URL}, else the embedded SQLite default.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output (see README).")
+@click.option(
+    "--timeout",
+    type=float,
+    envvar=ENV_TIMEOUT,
+    default=DEFAULT_TIMEOUT,
+    show_default=True,
+    callback=_positive_seconds,
+    help=f"Seconds to wait for the database to connect and to answer each operation "
+    f"(migrate: to connect); else ${ENV_TIMEOUT}.",
+)
 @click.option("-v", "--verbose", count=True, help="Log to stderr (-v info, -vv debug).")
 @click.pass_context
-def main(ctx: click.Context, url: str, as_json: bool, verbose: int) -> None:
+def main(ctx: click.Context, url: str, as_json: bool, timeout: float, verbose: int) -> None:
     """See and act on executus_ckpt run checkpoints without writing SQL."""
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(
         level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
-    ctx.obj = Settings(url=url, json=as_json)
+    ctx.obj = Settings(url=url, json=as_json, timeout=timeout)
 
 
 def _json_flag(f: Callable[..., Any]) -> Callable[..., Any]:
     """Accept ``--json`` and ``--url`` after the subcommand too."""
     f = click.option(
-        "--url", "sub_url", help="Database URL (overrides the one before the subcommand)."
+        "--url",
+        "sub_url",
+        type=DatabaseURL(),
+        help="Database URL (overrides the one before the subcommand).",
     )(f)
     return click.option("--json", "sub_json", is_flag=True, help="Machine-readable output.")(f)
 
@@ -180,7 +240,9 @@ def migrate(ctx: click.Context, revision: str, sub_json: bool, sub_url: str | No
         raise click.BadParameter(str(exc), ctx, param_hint="'--revision'") from exc
 
     async def go() -> tuple[str | None, str | None]:
-        store = SQLCheckpointStore.from_url(s.url)
+        # Only connecting is bounded by --timeout: a migration's statements may run long
+        # (they keep the library's own operation timeout).
+        store = SQLCheckpointStore.from_url(s.url, connect_timeout=s.timeout)
         try:
             before = await current_revision(store.engine)
             await run_migrations(store.engine, revision)
@@ -209,7 +271,9 @@ def current(ctx: click.Context, sub_json: bool, sub_url: str | None = None) -> N
     s = _settings(ctx, sub_json)
 
     async def go() -> str | None:
-        store = SQLCheckpointStore.from_url(s.url)
+        store = SQLCheckpointStore.from_url(
+            s.url, connect_timeout=s.timeout, operation_timeout=s.timeout
+        )
         try:
             # current_revision maps driver failures itself (StoreUnavailableError).
             return await current_revision(store.engine)

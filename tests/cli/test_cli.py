@@ -11,7 +11,9 @@ import asyncio
 import json
 import logging
 import shlex
+import socket
 import threading
+import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -30,7 +32,7 @@ from executus_ckpt import (
     RunCheckpointMeta,
     SQLCheckpointStore,
 )
-from executus_ckpt.cli import main
+from executus_ckpt.cli import ENV_TIMEOUT, main
 from executus_ckpt.config import ENV_DATABASE_URL, VERSION_TABLE
 from executus_ckpt.schema import REQUIRED_REVISION
 
@@ -1031,6 +1033,70 @@ def test_usage_error_exits_2(args: list[str], tmp_path: Path) -> None:
 def test_malformed_url_is_a_usage_error() -> None:
     result = failed(invoke(["list"], url="not a url at all"), 2)
     assert "malformed" in usage_error_line(result)
+
+
+MALFORMED_URLS = {
+    "bad-port": "postgresql+asyncpg://u@h:notaport/db",
+    "bad-ipv6-host": "postgresql+asyncpg://u@[::1/db",
+    "port-out-of-range": "postgresql+asyncpg://u@127.0.0.1:99999/db",
+    "negative-port": "postgresql+asyncpg://u@127.0.0.1:-1/db",
+}
+
+
+@pytest.mark.parametrize("url", list(MALFORMED_URLS.values()), ids=list(MALFORMED_URLS))
+@pytest.mark.parametrize(
+    "args", [["list"], ["current"], ["migrate"], ["stats", "--json"]], ids="-".join
+)
+def test_malformed_url_is_one_error_line_and_exit_2(url: str, args: list[str]) -> None:
+    """Issue 10 item 11: a bad port or IPv6 host printed a ValueError traceback."""
+    for result in (
+        invoke(args, url=url),
+        invoke(args, env={ENV_DATABASE_URL: url}),
+        invoke([*args, "--url", url]),
+    ):
+        failed(result, 2)
+        line = usage_error_line(result)
+        assert "malformed" in line and "--url" in line, _describe(result)
+        assert result.stdout == ""
+
+
+@contextmanager
+def black_hole() -> Iterator[int]:
+    """A TCP port on 127.0.0.1 that accepts connections and never answers (a frozen server).
+
+    The socket listens but is never read: the kernel completes each handshake into the
+    backlog, the client's startup message goes nowhere, and no byte ever comes back.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(64)
+        yield int(sock.getsockname()[1])
+
+
+@pytest.mark.parametrize("args", [["list"], ["current"], ["migrate"], ["stats"]], ids="-".join)
+def test_unanswering_database_fails_within_the_timeout(args: list[str]) -> None:
+    """Issue 10 item 6: the CLI gave up after 62 s ("CancelledError"); now after --timeout."""
+    with black_hole() as port, thread_errors() as errors:
+        url = f"postgresql+asyncpg://postgres@127.0.0.1:{port}/x"
+        for how in ("option", "env"):
+            started = time.monotonic()
+            if how == "option":
+                result = invoke(["--timeout", "2", *args], url=url)
+            else:
+                result = invoke(args, url=url, env={ENV_TIMEOUT: "2"})
+            elapsed = time.monotonic() - started
+            failed(result, 1)
+            line = one_error_line(result)
+            assert "unavailable" in line and f"127.0.0.1:{port}" in line, line
+            assert elapsed < 5, f"{how}: took {elapsed:.1f}s with a 2 s timeout"
+    assert errors == []
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "soon", "nan"])
+def test_bad_timeout_is_a_usage_error(value: str, tmp_path: Path) -> None:
+    db = tmp_path / "never.db"
+    failed(invoke(["--timeout", value, "list"], url=f"sqlite+aiosqlite:///{db}"), 2)
+    assert not db.exists()
 
 
 def test_help_lists_every_command() -> None:

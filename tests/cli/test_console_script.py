@@ -10,8 +10,10 @@ import asyncio
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -132,6 +134,31 @@ def test_console_script_exit_codes(tmp_path: Path) -> None:
     assert proc.returncode == 1, _describe(proc)
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
     assert "ghost" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_console_script_malformed_url_is_one_line_exit_2(tmp_path: Path) -> None:
+    proc = run("--url", "postgresql+asyncpg://u@h:notaport/db", "list", cwd=tmp_path)
+    assert proc.returncode == 2, _describe(proc)
+    assert "Traceback" not in proc.stderr, _describe(proc)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1 and "malformed" in errors[0], _describe(proc)
+
+
+def test_console_script_against_an_unanswering_database(tmp_path: Path) -> None:
+    """A server that accepts the connection and never answers: one line, in seconds."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(64)  # never accepted, never read: a black hole
+        port = sock.getsockname()[1]
+        url = f"postgresql+asyncpg://postgres@127.0.0.1:{port}/x"
+        started = time.monotonic()
+        proc = run("--url", url, "--timeout", "2", "list", cwd=tmp_path)
+        elapsed = time.monotonic() - started
+    assert proc.returncode == 1, _describe(proc)
+    assert elapsed < 5, f"took {elapsed:.1f}s with --timeout 2"
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, _describe(proc)
+    assert "unavailable" in lines[0].lower() and "Traceback" not in proc.stderr, _describe(proc)
 
 
 def test_unreachable_postgres_with_logging_on(tmp_path: Path) -> None:
