@@ -140,6 +140,7 @@ class PostgresBackend:
         self._parallel = parallel
         self._queue: deque[tuple[Append, asyncio.Future[bool]]] = deque()
         self._drainers: set[asyncio.Task[None]] = set()
+        self._busy = 0  # drainers running a statement
         self._idle: deque[asyncio.Future[None]] = deque()  # lingering drainers' wake-ups
         self._closing = False
         self._writes: set[asyncio.Task[Any]] = set()
@@ -170,10 +171,7 @@ class PostgresBackend:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[bool] = loop.create_future()
         self._queue.append((append, future))
-        if not self._wake_one() and len(self._drainers) < self._parallel:
-            task = loop.create_task(self._drain(), name="executus_ckpt.pg_append")
-            self._drainers.add(task)
-            task.add_done_callback(self._drainers.discard)
+        self._dispatch()
         # Not shielded: cancelling the caller cancels only this future, never the drainer's
         # statement (which then skips it); a shield would cost another loop turn per save.
         return await future
@@ -188,6 +186,16 @@ class PostgresBackend:
                 await asyncio.wait(pending)
         finally:
             self._closing = False
+
+    def _dispatch(self) -> None:
+        """Get a drainer onto the queue: wake a lingering one, or start one (up to
+        ``parallel``)."""
+        if not self._wake_one() and len(self._drainers) < self._parallel:
+            task = asyncio.get_running_loop().create_task(
+                self._drain(), name="executus_ckpt.pg_append"
+            )
+            self._drainers.add(task)
+            task.add_done_callback(self._drainers.discard)
 
     def _wake_one(self) -> bool:
         """Wake a lingering drainer; False if none was lingering."""
@@ -215,10 +223,15 @@ class PostgresBackend:
         return bool(self._queue)
 
     def _take(self) -> list[tuple[Append, asyncio.Future[bool]]]:
+        """The next batch: an even share of the queue among the drainers not running a
+        statement (runs saving in step queue their appends together; one batch for all of
+        them would leave the server one backend and a core idle)."""
+        free = max(1, self._parallel - self._busy)
+        limit = min(self._max_batch, -(-len(self._queue) // free))
         batch: list[tuple[Append, asyncio.Future[bool]]] = []
         seen: set[str] = set()
         deferred: list[tuple[Append, asyncio.Future[bool]]] = []
-        while self._queue and len(batch) < self._max_batch:
+        while self._queue and len(batch) < limit:
             item = self._queue.popleft()
             if item[0].run_id in seen:
                 deferred.append(item)
@@ -238,6 +251,9 @@ class PostgresBackend:
             while True:
                 while self._queue:
                     batch = self._take()
+                    if self._queue:
+                        self._dispatch()  # another drainer for the rest
+                    self._busy += 1
                     try:
                         if conn is not None:
                             # Closed by the server or the network while held (the pool's
@@ -278,6 +294,8 @@ class PostgresBackend:
                         if not isinstance(exc, Exception):
                             raise
                         continue
+                    finally:
+                        self._busy -= 1
                     for append, future in batch:
                         if not future.done():
                             future.set_result(append.run_id in applied)
