@@ -15,13 +15,13 @@ from bench import report
 from bench.engines import (
     ENGINE_TYPES,
     FAMILIES,
-    FAMILY_LABEL,
     POSTGRES,
     SQLITE,
     Database,
     Engine,
     PostgresDatabase,
     SQLiteDatabase,
+    label,
     langgraph_available,
     pg_dsn,
     sqlite_version,
@@ -44,7 +44,7 @@ PG_URL_ENV = "EXECUTUS_CKPT_TEST_PG_URL"
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m bench",
-        description="executus_ckpt vs LangGraph's savers vs the raw drivers (issue 5).",
+        description="executus_ckpt vs LangGraph's savers vs the raw drivers (issues 5, 9).",
     )
     p.add_argument("--quick", action="store_true", help="tiny sizes, every engine, < 60 s")
     p.add_argument("--reps", type=int, help="repetitions (default 3; quick 1)")
@@ -64,7 +64,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--backends", default="sqlite,postgresql", help="comma-separated")
     p.add_argument(
-        "--engines", default="ours,langgraph,floor", help="comma-separated engine families"
+        "--engines",
+        default=",".join(FAMILIES),
+        help=f"comma-separated engine families (default {','.join(FAMILIES)})",
     )
     p.add_argument(
         "--pg-url",
@@ -358,24 +360,37 @@ def render(res: report.Results, args: argparse.Namespace, machine: list[str]) ->
             out.append(f"SQL of ours' last save on {report.BACKEND_LABEL[backend]}:\n")
             out.append("```sql\n" + stmts + "\n```\n")
         what = "aiosqlite calls" if backend == SQLITE else "Socket writes (frontend messages)"
-        for family in ("ours", "floor"):
+        for family in ("ours", "floor", "lean"):
             calls = res.notes.get(f"calls/{family}/{backend}")
             if calls:
                 out.append(
-                    f"{what} of {FAMILY_LABEL[family]}'s last save on "
+                    f"{what} of {label(family, backend)}'s last save on "
                     f"{report.BACKEND_LABEL[backend]}, in order:\n"
                 )
                 out.append("```\n" + calls + "\n```\n")
+    quick_note = "(quick mode: too few iterations for these to mean anything)\n"
+    out.append("## Targets (issue 9)\n")
+    out.append(
+        "Ratios within this run. p50 at the last iterations: against the floor the issue "
+        "names for each backend, the raw aiosqlite floor on SQLite and the one-statement "
+        "floor on PostgreSQL. First save (the first `save` after `begin`) and 50 runs at once: "
+        "against the raw floor, the floor of every table here (the lean floor's ratio "
+        "follows).\n"
+    )
+    if args.quick:
+        out.append(quick_note)
+    out.extend(t.line() for t in report.targets_issue9(res))
+    out.append("")
     out.append("## Targets (issue 5)\n")
     if args.quick:
-        out.append("(quick mode: too few iterations for these to mean anything)\n")
-    out.extend(t.line() for t in report.targets(res))
+        out.append(quick_note)
+    out.extend(t.line() for t in report.targets_issue5(res))
     out.append("")
     out.append("## Notes\n")
     for key, value in sorted(res.notes.items()):
         if key.startswith("sqlite_pragmas/"):
             family = key.split("/")[1]
-            out.append(f"- SQLite pragmas of {FAMILY_LABEL[family]}'s connection: {value}")
+            out.append(f"- SQLite pragmas of {label(family, SQLITE)}'s connection: {value}")
     out.extend(
         [
             "- LangGraph is driven through `aput` only, as the Pregel loop calls it once per "
@@ -396,6 +411,12 @@ def render(res: report.Results, args: argparse.Namespace, machine: list[str]) ->
             "(max 15 connections, the cap of SQLAlchemy's default pool; no reset query on "
             "release), per save acquire, `BEGIN`, `executemany` INSERT, header UPSERT, `COMMIT`. "
             "Each message is encoded with orjson, as ours does.",
+            "- One-hop floor (SQLite): the raw floor's connection and writes, but each save's "
+            "whole transaction (`BEGIN IMMEDIATE`, `executemany`, UPSERT, `COMMIT`) is one "
+            "function run in aiosqlite's worker thread on its `sqlite3` connection (aiosqlite's "
+            "private `Connection._execute`), so no lock. One-statement floor (PostgreSQL): the "
+            "raw floor's pool, one statement per save: the messages' INSERT in a CTE of the "
+            "header UPSERT (one round trip, atomic on its own, autocommit).",
             "- ours: `SQLCheckpointStore.from_url(url)` after `migrate(url)`, "
             "`StoreCheckpointerFactory(store, throttle=0)`, `begin(RunInfo(...))` (writes the "
             "initial row; counted in wall/run), then `save(RunCheckpointState(messages=transcript, "

@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-def test_bench_quick_runs_ours_and_the_floor(tmp_path: Path) -> None:
+def test_bench_quick_runs_ours_and_the_floors(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("PYTHONASYNCIODEBUG", None)  # a benchmark, not a debug run
     backends = "sqlite,postgresql" if os.environ.get("EXECUTUS_CKPT_TEST_PG_URL") else "sqlite"
@@ -25,7 +25,7 @@ def test_bench_quick_runs_ours_and_the_floor(tmp_path: Path) -> None:
             "bench",
             "--quick",
             "--engines",
-            "ours,floor",
+            "ours,floor,lean",
             "--backends",
             backends,
             "--tmpdir",
@@ -40,5 +40,8 @@ def test_bench_quick_runs_ours_and_the_floor(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
-    assert "## Targets" in out and "executus_ckpt" in out and "raw floor" in out
+    assert "## Targets (issue 9)" in out and "## Targets (issue 5)" in out
+    assert "executus_ckpt" in out and "raw floor" in out and "one-hop floor" in out
+    if "postgresql" in backends:
+        assert "one-statement floor" in out
     assert "database is locked" not in proc.stderr
