@@ -1,9 +1,16 @@
-"""What a checkpointer knows of its run's transcript, so that a save writes only what is new.
+"""What a checkpointer knows of its run's transcript, so that a save writes only what changed.
 
-An append-only host hands the same growing list at every save. :class:`Transcript` validates
-and encodes only the messages it has not seen (keeping their encodings for the store, so each
-message is serialized once) and tells whether the newest state extends the one last written,
-so the store can append instead of rewriting.
+The stored transcript must equal, byte for byte as encoded, what the host handed at its last
+save, and a save must not cost more as the transcript grows for a host that appends. So a
+message is trusted unchanged only if it is the very object validated at the same position
+last time *and* is not among the last :data:`RECHECKED` messages of the previous save (where
+hosts stream text in place); everything else is encoded and compared with the digest of its
+previous encoding. Values that Python calls equal but JSON does not (``1``/``1.0``/``True``,
+``0.0``/``-0.0``) therefore count as changes. ``verify=True`` re-checks every message at
+every save (cost: one encoding of the whole transcript per save) for hosts that edit older
+messages in place.
+
+The encodings made here are kept for the store (each message is serialized once).
 """
 
 from __future__ import annotations
@@ -15,74 +22,100 @@ from dataclasses import dataclass
 from . import codec
 from .types import JSONValue
 
+RECHECKED = 2
+"""Messages at the end of the previous save that are re-encoded at every save."""
+
 
 @dataclass(frozen=True, slots=True)
 class TranscriptSnapshot:
-    """One saved transcript: its messages and the encodings of ``messages[encoded_from:]``."""
+    """One saved transcript: its messages, the first index that differs from the previous
+    snapshot, and the encodings of ``messages[changed_from:]``."""
 
+    id: int
     messages: tuple[JSONValue, ...]
-    encoded_from: int
+    changed_from: int
     encoded: tuple[bytes, ...]
 
 
+@dataclass(frozen=True, slots=True)
+class Delta:
+    """How a snapshot differs from the transcript last written."""
+
+    stored: int
+    """Messages the store holds."""
+    changed_from: int
+    """First index whose message differs from the stored one (``stored`` for an append)."""
+
+
 class Transcript:
-    """Validated prefix, cached encodings and the transcript last written, for one run."""
+    """Digests of the previous snapshot, and what the store holds, for one run."""
 
-    __slots__ = ("_run_id", "_seen", "_stored")
+    __slots__ = ("_changes", "_digests", "_ids", "_run_id", "_seen", "_stored", "_verify")
 
-    def __init__(self, run_id: str) -> None:
+    def __init__(self, run_id: str, *, verify: bool = False) -> None:
         self._run_id = run_id
-        # The messages of the previous snapshot, all validated.
+        self._verify = verify
+        self._ids = 0
+        # The previous snapshot's messages and the hash of each one's encoding.
         self._seen: tuple[JSONValue, ...] = ()
-        # The transcript as last written; () once the run's row is known to hold none.
-        self._stored: tuple[JSONValue, ...] | None = None
+        self._digests: list[int] = []
+        # The transcript as last written: (snapshot id, length); None until known.
+        self._stored: tuple[int, int] | None = None
+        # (snapshot id, changed_from) of the snapshots taken since that write.
+        self._changes: list[tuple[int, int]] = []
 
     def snapshot(self, messages: Sequence[JSONValue]) -> TranscriptSnapshot:
-        """Validate ``messages`` and keep the encodings of those not validated before.
-
-        Every message that is not the very object validated at the same position last time is
-        checked: the new ones (the usual append), and any earlier one the host replaced. The
-        test is a pointer comparison per message, so an appending host pays for its new
-        messages only.
+        """Validate and encode what may have changed since the previous snapshot.
 
         Raises:
-            CheckpointSerializationError: a message is not JSON-compatible.
+            CheckpointSerializationError: a message is not JSON-compatible (the previous
+                snapshot stands).
         """
         copied = tuple(messages)
-        start = _first_replaced(self._seen, copied)
-        encoded = tuple(codec.encode(m, run_id=self._run_id) for m in copied[start:])
+        seen, digests = self._seen, self._digests
+        shared = min(len(seen), len(copied))
+        same = _first_replaced(seen, copied, shared)
+        start = 0 if self._verify else min(same, max(0, len(seen) - RECHECKED))
+        encoded = [codec.encode(m, run_id=self._run_id) for m in copied[start:]]
+        hashes = [hash(e) for e in encoded]
+        changed = shared if len(copied) >= len(seen) else len(copied)
+        for i in range(start, shared):
+            if hashes[i - start] != digests[i]:
+                changed = i
+                break
         self._seen = copied
-        return TranscriptSnapshot(copied, start, encoded)
+        self._digests = digests[:start] + hashes
+        self._ids += 1
+        self._changes.append((self._ids, changed))
+        return TranscriptSnapshot(self._ids, copied, changed, tuple(encoded[changed - start :]))
 
     def mark_empty(self) -> None:
         """The run's row was just registered: assume it holds no transcript (an append at 0;
         the store falls back to a full write if a taken-over row holds one)."""
-        self._stored = ()
+        self._stored = (self._ids, 0)
 
     def written(self, snap: TranscriptSnapshot) -> None:
         """``snap`` is now what the store holds."""
-        self._stored = snap.messages
+        self._stored = (snap.id, len(snap.messages))
+        self._changes = [(i, c) for i, c in self._changes if i > snap.id]
 
-    def base_of(self, snap: TranscriptSnapshot) -> int | None:
-        """``len(stored)`` if ``snap`` extends the transcript last written, else None.
-
-        Identity first: an append-only host hands the same message objects again, so this is
-        a pointer comparison per message, no encoding and no database work. Messages must not
-        be mutated in place after they were saved (see :class:`RunCheckpointState`).
-        """
-        stored = self._stored
-        if stored is None or len(snap.messages) < len(stored):
+    def delta(self, snap: TranscriptSnapshot) -> Delta | None:
+        """How ``snap`` differs from the stored transcript; None if unknown or shorter (a
+        full rewrite)."""
+        if self._stored is None:
             return None
-        for old, new in zip(stored, snap.messages, strict=False):
-            if old is not new and old != new:
-                return None
-        return len(stored)
+        written_id, stored = self._stored
+        if len(snap.messages) < stored:
+            return None
+        changed = min((c for i, c in self._changes if written_id < i <= snap.id), default=stored)
+        return Delta(stored=stored, changed_from=min(changed, stored))
 
 
-def _first_replaced(seen: tuple[JSONValue, ...], messages: tuple[JSONValue, ...]) -> int:
-    """Index of the first message of ``messages`` that is not the object at the same index
-    of ``seen`` (``len(seen)`` when ``messages`` extends it object for object)."""
-    shared = min(len(seen), len(messages))
+def _first_replaced(
+    seen: tuple[JSONValue, ...], messages: tuple[JSONValue, ...], shared: int
+) -> int:
+    """Index of the first message among the first ``shared`` that is not the object at the
+    same index of ``seen`` (``shared`` if there is none)."""
     if all(map(operator.is_, seen[:shared], messages[:shared])):
         return shared
     return next(i for i in range(shared) if seen[i] is not messages[i])

@@ -7,7 +7,7 @@ gets the same typed error and nothing is written). Raises :class:`CheckpointErro
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import fields
 from typing import Final
 
@@ -24,7 +24,9 @@ MAX_ITERATION: Final = 2**31 - 1
 _UNBOUNDED_TEXT: Final = frozenset({"prompt"})
 """Identity fields stored as unbounded text."""
 
-_META_FIELDS: Final = tuple(f.name for f in fields(RunCheckpointMeta) if f.name != "run_id")
+_META_TEXT: Final = tuple(
+    f.name for f in fields(RunCheckpointMeta) if f.name != "run_id" and f.name != "inputs"
+)
 
 
 def storable_text(value: object, max_length: int | None = MAX_ID_LENGTH) -> str | None:
@@ -78,11 +80,24 @@ def check_identity(
     """Validate a run's identity text (ids, names, prompt, app version, owner)."""
     run_id = meta.run_id
     check_text("run_id", run_id, None, optional=False)
-    for name in _META_FIELDS:
+    for name in _META_TEXT:
         limit = None if name in _UNBOUNDED_TEXT else MAX_ID_LENGTH
         check_text(f"meta.{name}", getattr(meta, name), run_id, max_length=limit)
+    check_json_mapping("meta.inputs", meta.inputs, run_id, optional=False)
     check_text("app_version", app_version, run_id)
     check_text("owner", owner, run_id)
+
+
+def check_json_mapping(name: str, value: object, run_id: str, *, optional: bool = True) -> None:
+    """A JSON object: ``None`` (if optional) or a mapping with str keys and JSON values."""
+    if value is None and optional:
+        return
+    if not isinstance(value, Mapping):
+        raise CheckpointError(
+            f"{name} of run {run_id!r} must be a mapping, got {type(value).__name__}",
+            run_id=run_id,
+        )
+    codec.encode(dict(value), run_id=run_id)
 
 
 def check_progress(run_id: str, iteration: object, completed_phases: object) -> bytes:
@@ -129,6 +144,7 @@ def check_header(checkpoint: RunCheckpoint) -> bytes:
     check_identity(checkpoint.meta, checkpoint.app_version, checkpoint.owner)
     phases = check_progress(run_id, checkpoint.iteration, checkpoint.completed_phases)
     check_messages(run_id, checkpoint.messages)
+    check_json_mapping("extra", checkpoint.extra, run_id)
     return phases
 
 

@@ -7,15 +7,23 @@ import enum
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
+from . import codec
 from ._transcript import Transcript, TranscriptSnapshot
-from ._validation import check_identity, check_messages, check_progress
+from ._validation import check_identity, check_json_mapping, check_messages, check_progress
 from .config import DEFAULT_THROTTLE
 from .errors import CheckpointError, CheckpointFencedError
 from .protocols import AppendingStore, Checkpointer, CheckpointStore, Clock
-from .types import RunCheckpoint, RunCheckpointMeta, RunCheckpointState, RunInfo, utcnow
+from .types import (
+    JSONValue,
+    RunCheckpoint,
+    RunCheckpointMeta,
+    RunCheckpointState,
+    RunInfo,
+    utcnow,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -61,8 +69,20 @@ class _State(enum.Enum):
     """Finalizing or closed: saves are no-ops; a pending state may still be flushed."""
     DELETED = "deleted"
     """complete()/fail() deleted the checkpoint: nothing more is written."""
+    RELEASED = "released"
+    """A shutdown handed the run back for recovery: nothing more is written."""
     FENCED = "fenced"
     """A newer writer took the run over: saves and flushes raise CheckpointFencedError."""
+
+
+_FINISHED = frozenset({_State.DELETED, _State.RELEASED})
+
+
+def _retrieve(task: asyncio.Task[None]) -> None:
+    """Done-callback: mark a shielded task's error as retrieved (its caller may have been
+    cancelled and no longer awaits it; a later call retries and reports it)."""
+    if not task.cancelled():
+        task.exception()
 
 
 class NoopCheckpointer:
@@ -80,7 +100,7 @@ class NoopCheckpointer:
     async def flush(self) -> None:
         return None
 
-    async def aclose(self) -> None:
+    async def aclose(self, *, release: bool = False) -> None:
         return None
 
     def __repr__(self) -> str:
@@ -93,6 +113,7 @@ class _Snapshot:
     transcript: TranscriptSnapshot
     iteration: int
     completed_phases: tuple[str, ...]
+    extra: Mapping[str, JSONValue] | None
 
 
 class StoreCheckpointer:
@@ -108,9 +129,18 @@ class StoreCheckpointer:
     pile up behind a write are coalesced (one write of the newest state satisfies them all).
     A write that started is finished even if its caller is cancelled.
 
-    ``complete()``/``fail()`` delete the checkpoint after any in-flight write, cancel the
-    trailing flush and turn later saves into no-ops. If a newer writer took the run over, the
-    next write raises :class:`CheckpointFencedError` and this checkpointer stops writing.
+    A save that completes a phase (its ``completed_phases`` differ from the previous save's)
+    is a phase boundary: it is written at once, whatever the throttle, so the store records
+    the transcript, iteration and ``extra`` at that boundary exactly (what a resumed run gets).
+
+    ``complete()``/``fail()`` delete the checkpoint after any in-flight write (with
+    ``keep_failed``, ``fail()`` keeps it as ``failed`` with the error), cancel the trailing
+    flush and turn later saves into no-ops. If a newer writer took the run over, the next
+    write raises :class:`CheckpointFencedError` and this checkpointer stops writing.
+
+    ``verify=True`` re-checks every message at every save for hosts that edit older messages
+    in place (see ``_transcript``); by default the last messages of the previous save and
+    every replaced message object are checked.
     """
 
     def __init__(
@@ -124,8 +154,11 @@ class StoreCheckpointer:
         epoch: int | None = 0,
         app_version: str | None = None,
         owner: str | None = None,
+        keep_failed: bool = False,
+        verify: bool = False,
     ) -> None:
         self._store = store
+        self._keep_failed = keep_failed
         self._appending = isinstance(store, AppendingStore)
         self._meta = meta
         self._throttle = float(throttle)
@@ -141,7 +174,7 @@ class StoreCheckpointer:
         self._seq = 0
         self._latest: _Snapshot | None = None
         self._written_seq = 0
-        self._transcript = Transcript(meta.run_id)
+        self._transcript = Transcript(meta.run_id, verify=verify)
         if epoch is not None:
             # The row was registered (begin): a fresh run holds no transcript yet.
             self._transcript.mark_empty()
@@ -149,6 +182,7 @@ class StoreCheckpointer:
         self._last_write: float | None = None
         self._timer: asyncio.Task[None] | None = None
         self._writes: set[asyncio.Task[None]] = set()
+        self._finalizer: asyncio.Task[None] | None = None
 
     @property
     def meta(self) -> RunCheckpointMeta:
@@ -187,12 +221,18 @@ class StoreCheckpointer:
             raise self._fenced
         if self._state is not _State.OPEN:
             return
+        previous = self._latest
         snap = self._snapshot(state)
         self._latest = snap
+        boundary = previous is None or previous.completed_phases != snap.completed_phases
         now = self._clock()
-        if self._throttle > 0 and (
-            self._lock.locked()
-            or (self._last_write is not None and now - self._last_write < self._throttle)
+        if (
+            self._throttle > 0
+            and not boundary
+            and (
+                self._lock.locked()
+                or (self._last_write is not None and now - self._last_write < self._throttle)
+            )
         ):
             # Inside the window (or a write is under way and will open one): keep the newest
             # state for the trailing flush.
@@ -208,7 +248,7 @@ class StoreCheckpointer:
         """
         if self._fenced is not None:
             raise self._fenced
-        if self._state is _State.DELETED or self._latest is None or not self.pending:
+        if self._state in _FINISHED or self._latest is None or not self.pending:
             return
         await self._write_through(self._latest.seq)
 
@@ -220,16 +260,28 @@ class StoreCheckpointer:
         """The run failed terminally: delete its checkpoint (idempotent)."""
         await self._finalize("failed", error)
 
-    async def aclose(self) -> None:
+    async def aclose(self, *, release: bool = False) -> None:
         """Stop without finalizing: cancel the trailing flush, wait for in-flight writes.
 
         The stored checkpoint stays as last written (what a shutdown leaves for recovery).
-        Call :meth:`flush` first to write a pending state.
+        Call :meth:`flush` first to write a pending state. With ``release`` (what
+        :func:`checkpointed_run` does on a shutdown) the run is handed back: owner cleared,
+        epoch raised, and the next recovery claim is not counted as a failed attempt.
         """
         self._close()
         await self._cancel_timer()
         if self._writes:
             await asyncio.wait(set(self._writes))
+        if release and self._state is _State.CLOSED and self._epoch is not None:
+            async with self._lock:
+                if self._state is _State.CLOSED:
+                    await self._store.release(self.run_id, epoch=self._epoch)
+                    self._state = _State.RELEASED
+                    logger.info(
+                        "run %s released for recovery",
+                        self.run_id,
+                        extra={"action": "release_run", "run_id": self.run_id},
+                    )
 
     # -- internals -----------------------------------------------------------------------
 
@@ -244,9 +296,12 @@ class StoreCheckpointer:
             self._validated_identity = True
         check_progress(run_id, state.iteration, state.completed_phases)
         messages = check_messages(run_id, state.messages)
+        check_json_mapping("extra", state.extra, run_id)
         transcript = self._transcript.snapshot(messages)  # type: ignore[arg-type]
         self._seq += 1
-        return _Snapshot(self._seq, transcript, state.iteration, tuple(state.completed_phases))
+        return _Snapshot(
+            self._seq, transcript, state.iteration, tuple(state.completed_phases), state.extra
+        )
 
     async def _write_through(self, seq: int) -> None:
         """Make sure state ``seq`` (or a newer one) is written; finishes even if cancelled."""
@@ -267,7 +322,7 @@ class StoreCheckpointer:
     async def _locked_write(self, seq: int) -> None:
         async with self._lock:
             latest = self._latest
-            if self._written_seq >= seq or latest is None or self._state is _State.DELETED:
+            if self._written_seq >= seq or latest is None or self._state in _FINISHED:
                 return
             if self._fenced is not None:
                 raise self._fenced
@@ -280,15 +335,18 @@ class StoreCheckpointer:
             self._transcript.mark_empty()
         checkpoint = self._checkpoint(snap, self._epoch)
         transcript = snap.transcript
-        base = self._transcript.base_of(transcript) if self._appending else None
+        delta = self._transcript.delta(transcript) if self._appending else None
         try:
-            if base is None:
+            if delta is None or delta.changed_from < delta.stored:
+                # Unknown, shorter or edited within what is stored: rewrite it whole.
                 await self._store.save(checkpoint)
             else:
                 assert isinstance(self._store, AppendingStore)
-                own = base == transcript.encoded_from
+                own = delta.stored == transcript.changed_from
                 await self._store.append(
-                    checkpoint, base_count=base, encoded_tail=transcript.encoded if own else None
+                    checkpoint,
+                    base_count=delta.stored,
+                    encoded_tail=transcript.encoded if own else None,
                 )
         except CheckpointFencedError as exc:
             self._fenced = exc
@@ -310,6 +368,7 @@ class StoreCheckpointer:
             messages=snap.transcript.messages,
             iteration=snap.iteration,
             completed_phases=snap.completed_phases,
+            extra=snap.extra,
             updated_at=utcnow(),
             app_version=self._app_version,
             owner=self._owner,
@@ -375,19 +434,42 @@ class StoreCheckpointer:
                 raise
 
     async def _finalize(self, outcome: str, error: BaseException | None) -> None:
+        """Delete (or keep as failed) the checkpoint. The work runs as a task this
+        checkpointer owns and is shielded like a write: a cancellation that lands while it
+        waits for an in-flight write or for the database does not abandon it (a finished
+        run must not be recovered). A repeated call joins the same task."""
         self._close()
         await self._cancel_timer()
-        async with self._lock:  # after any in-flight write
-            if self._state is _State.DELETED:
-                return
-            if self._state is _State.FENCED:
-                return  # the run is another writer's now: leave its checkpoint alone
-            await self._store.delete(self.run_id, epoch=self._epoch)
-            self._state = _State.DELETED
+        if self._finalizer is None:
+            self._finalizer = asyncio.get_running_loop().create_task(
+                self._finalize_locked(outcome, error),
+                name=f"executus_ckpt.finalize:{self.run_id}",
+            )
+            self._finalizer.add_done_callback(_retrieve)
+        await asyncio.shield(self._finalizer)
+
+    async def _finalize_locked(self, outcome: str, error: BaseException | None) -> None:
+        try:
+            async with self._lock:  # after any in-flight write
+                if self._state in _FINISHED:
+                    return
+                if self._state is _State.FENCED:
+                    return  # the run is another writer's now: leave its checkpoint alone
+                kept = outcome == "failed" and self._keep_failed
+                if kept:
+                    text = "none given" if error is None else f"{type(error).__name__}: {error}"
+                    await self._store.mark_failed(self.run_id, error=text, epoch=self._epoch)
+                else:
+                    await self._store.delete(self.run_id, epoch=self._epoch)
+                self._state = _State.DELETED
+        except BaseException:
+            self._finalizer = None  # a later complete()/fail() tries again
+            raise
         logger.info(
-            "run %s %s: checkpoint deleted",
+            "run %s %s: checkpoint %s",
             self.run_id,
             outcome,
+            "kept as failed" if kept else "deleted",
             extra={
                 "action": f"run_{outcome}",
                 "run_id": self.run_id,
@@ -409,6 +491,8 @@ def new_checkpointer(
     epoch: int | None = 0,
     app_version: str | None = None,
     owner: str | None = None,
+    keep_failed: bool = False,
+    verify: bool = False,
 ) -> Checkpointer:
     """A per-run checkpointer over ``store``; ``store=None`` gives a :class:`NoopCheckpointer`.
 
@@ -424,6 +508,10 @@ def new_checkpointer(
             the run over at the first write.
         app_version: stored on every checkpoint (see ``recover_interrupted(accept=...)``).
         owner: the executor id stored on every checkpoint.
+        keep_failed: ``fail()`` keeps the checkpoint as ``failed`` with the error instead of
+            deleting it (never resumed; the CLI lists, requeues and purges it).
+        verify: re-check every message at every save (for hosts that edit older messages in
+            place; one encoding of the whole transcript per save).
     """
     if store is None:
         return NoopCheckpointer()
@@ -436,6 +524,8 @@ def new_checkpointer(
         epoch=epoch,
         app_version=app_version,
         owner=owner,
+        keep_failed=keep_failed,
+        verify=verify,
     )
 
 
@@ -454,6 +544,12 @@ class StoreCheckpointerFactory:
         app_version: the host's release (or a digest of its phase graph), stored on every
             checkpoint so recovery can refuse runs from an incompatible deploy.
         write_initial: write the initial row in ``begin``; when False, the first save does.
+        keep_failed: ``fail()`` keeps a run's checkpoint as ``failed`` with the error (see
+            :func:`new_checkpointer`).
+        verify: re-check every message at every save (see :func:`new_checkpointer`).
+
+    ``begin`` stores the JSON-compatible entries of ``info.inputs`` (given back by
+    ``checkpoint.run_info()``); other entries are left out with one WARNING naming their keys.
     """
 
     def __init__(
@@ -466,8 +562,12 @@ class StoreCheckpointerFactory:
         write_initial: bool = True,
         clock: Clock | Callable[[], float] | None = None,
         sleep: Sleep | None = None,
+        keep_failed: bool = False,
+        verify: bool = False,
     ) -> None:
         self._store = store
+        self._keep_failed = keep_failed
+        self._verify = verify
         self._throttle = throttle
         self._executor_id = executor_id
         self._app_version = app_version
@@ -488,7 +588,7 @@ class StoreCheckpointerFactory:
         """
         if self._store is None:
             return NoopCheckpointer()
-        meta = RunCheckpointMeta.from_run_info(info)
+        meta = RunCheckpointMeta.from_run_info(info, _storable_inputs(info))
         epoch: int | None = None
         if self._write_initial:
             epoch = await self._store.register(
@@ -509,4 +609,32 @@ class StoreCheckpointerFactory:
             epoch=epoch,
             app_version=self._app_version,
             owner=self._executor_id,
+            keep_failed=self._keep_failed,
+            verify=self._verify,
         )
+
+
+def _storable_inputs(info: RunInfo) -> dict[str, JSONValue]:
+    """The JSON-compatible entries of ``info.inputs``; the others are left out, with one
+    WARNING naming their keys (never their values: inputs may hold user data)."""
+    kept: dict[str, JSONValue] = {}
+    left_out: list[str] = []
+    for key, value in info.inputs.items():
+        if not isinstance(key, str):
+            left_out.append(repr(key))
+            continue
+        try:
+            codec.encode(value, run_id=info.run_id)
+        except CheckpointError:
+            left_out.append(key)
+            continue
+        kept[key] = value  # type: ignore[assignment]
+    if left_out:
+        logger.warning(
+            "run %s: inputs %s are not JSON-compatible and are not stored; run_info() of a "
+            "recovered run will lack them",
+            info.run_id,
+            ", ".join(left_out),
+            extra={"action": "inputs_left_out", "run_id": info.run_id, "keys": left_out},
+        )
+    return kept

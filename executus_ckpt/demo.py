@@ -209,7 +209,13 @@ async def run_demo(
             _print_event(event, out, resumed=True)
 
         async def dispatch(cp: RunCheckpoint) -> None:
-            out(f"  resuming {cp.run_id} (attempt {cp.attempts}) at iteration {cp.iteration}")
+            resume = cp.resume_state()
+            out(
+                f"  resuming {cp.run_id} (attempt {cp.attempts}) from its last phase boundary: "
+                f"{len(resume.completed_phases)} phases done, iteration {resume.iteration}, "
+                f"{len(resume.messages)} of {len(cp.messages)} messages "
+                f"({len(resume.interrupted_tail)} of the interrupted phase set aside)"
+            )
             traces[cp.run_id] = await simulated_run(
                 factory, cp.run_info(), resume=cp.resume_state(), latency=latency / 5, emit=emit
             )
@@ -233,8 +239,9 @@ async def run_demo(
                 summary.problems.append(
                     f"{run_id}: skipped {trace.skipped}, expected {expected_skip}"
                 )
-            if trace.resumed_from != len(before[run_id].messages):
-                summary.problems.append(f"{run_id}: transcript did not continue")
+            boundary = before[run_id].resume_state()
+            if trace.resumed_from != len(boundary.messages):
+                summary.problems.append(f"{run_id}: did not continue from its phase boundary")
         summary.finished = summary.finished_before_crash + len(
             [t for t in traces.values() if len(t.skipped) + len(t.ran) == len(PHASES)]
         )

@@ -125,7 +125,7 @@ async def _finalize(
                     await checkpointer.flush()
             finally:
                 async with asyncio.timeout_at(deadline):
-                    await checkpointer.aclose()
+                    await checkpointer.aclose(release=True)
             logger.info(
                 "run %s shut down: checkpoint kept for recovery",
                 run_id,

@@ -36,11 +36,13 @@ class Checkpointer(Protocol):
         """Write a pending throttled state now; a no-op when none is pending."""
         ...
 
-    async def aclose(self) -> None:
+    async def aclose(self, *, release: bool = False) -> None:
         """Stop without finalizing: cancel a pending trailing flush, wait for in-flight writes.
 
         The stored checkpoint stays as last written (what a shutdown leaves for recovery);
-        call :meth:`flush` first to write a pending state. Idempotent.
+        call :meth:`flush` first to write a pending state. With ``release`` the run is handed
+        back for recovery (see :meth:`CheckpointStore.release`): what a graceful shutdown
+        does. Idempotent.
         """
         ...
 
@@ -154,6 +156,20 @@ class CheckpointStore(Protocol):
         """
         ...
 
+    async def release(self, run_id: str, *, epoch: int) -> bool:
+        """Hand back a run cut off by a graceful shutdown: owner cleared, epoch raised (its
+        writer is fenced), and the release counts as progress, so the next recovery claim is
+        not a failed attempt. False if the run is gone, not active, or taken over since."""
+        ...
+
+    async def mark_failed(self, run_id: str, *, error: str, epoch: int | None = None) -> bool:
+        """Keep a run that failed terminally for the operator: status ``failed``, ``error``
+        as its last error; never resumed (``keep_failed=True`` on the factory).
+
+        True if the run was marked; with ``epoch``, a run taken over since is left alone.
+        """
+        ...
+
     async def record_error(self, run_id: str, error: str) -> bool:
         """Store ``error`` as the run's last error (status unchanged); True if the run exists."""
         ...
@@ -194,7 +210,8 @@ class AdminStore(CheckpointStore, Protocol):
     """The operator's surface (the CLI): bulk listing, requeue, purge, counts."""
 
     async def requeue(self, run_id: str) -> bool:
-        """Make a dead run recoverable again (status active, attempts 0); True if it was dead."""
+        """Make a dead or failed run recoverable again (status active, attempts 0); True if it
+        was dead or failed."""
         ...
 
     async def purge(

@@ -70,6 +70,14 @@ async def recover_interrupted(
     :func:`checkpointed_run` and that later fails with an ordinary exception is finalized like
     any failed run: its checkpoint is deleted.)
 
+    Crash loops: ``attempts`` counts only claims after which the run made no progress (it
+    reached no new phase boundary and was not released by a graceful shutdown), so runs
+    interrupted by deploys never go dead for it. A run claimed before that made no progress
+    since is a *suspect*: suspects are claimed and dispatched one at a time, after the other
+    runs of the pass, so a run that kills the process takes no innocent run down with it.
+    For this isolation ``dispatch`` should return when the run has finished (or at least
+    when it is safely under way).
+
     Runs are streamed from the store and at most ``concurrency`` are claimed or dispatched at
     once, so memory is bounded by ``concurrency`` transcripts whatever the backlog. Runs
     updated after the pass began (e.g. re-registered by a dispatched run) are not revisited.
@@ -113,9 +121,12 @@ async def recover_interrupted(
                 )
                 return
             if checkpoint.attempts > max_attempts:
+                phases = checkpoint.completed_phases
                 reason = (
-                    f"gave up after {checkpoint.attempts - 1} recovery attempts "
-                    f"(max_attempts={max_attempts}); last error: {checkpoint.last_error or 'none'}"
+                    f"gave up: no progress across {checkpoint.attempts - 1} recovery claims "
+                    f"(max_attempts={max_attempts}); last completed phase: "
+                    f"{phases[-1] if phases else 'none'}; "
+                    f"last error: {checkpoint.last_error or 'none'}"
                 )
                 await store.mark_dead(run_id, reason=reason, epoch=checkpoint.epoch)
                 dead.append(run_id)
@@ -171,6 +182,7 @@ async def recover_interrupted(
     # Not a TaskGroup: a listing that fails mid-pass must not cancel the runs already
     # dispatched (each was charged an attempt); they finish, then the typed error is raised.
     tasks: set[asyncio.Task[None]] = set()
+    suspects: list[CheckpointSummary] = []
     try:
         async for summary in store.iter_summaries(
             status=CheckpointStatus.ACTIVE,
@@ -179,6 +191,9 @@ async def recover_interrupted(
             updated_before=started,
             limit=limit,
         ):
+            if summary.suspect:
+                suspects.append(summary)  # dispatched alone, after the others
+                continue
             await slots.acquire()
             task = asyncio.get_running_loop().create_task(
                 recover_one(summary), name=f"executus_ckpt.recover:{summary.run_id}"
@@ -192,6 +207,12 @@ async def recover_interrupted(
         await _join(tasks)
         raise
     await _join(tasks)
+    # Runs claimed before that reached no new phase since may be what crashed the process:
+    # each is claimed and dispatched alone, so that if it kills the process again, it takes
+    # no innocent run with it (and is dead-lettered within its budget).
+    for summary in suspects:
+        await slots.acquire()
+        await recover_one(summary)
 
     report = RecoveryReport(
         dispatched=tuple(dispatched),

@@ -21,7 +21,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.types import TypeDecorator
 
-REQUIRED_REVISION: Final = "0002"
+REQUIRED_REVISION: Final = "0003"
 """The alembic revision this version of the library reads and writes."""
 
 metadata = MetaData()
@@ -61,6 +61,7 @@ run_checkpoints = Table(
     Column("prompt", Text),
     Column("model_tier", String(255)),
     Column("parent_run_id", String(255)),
+    Column("inputs", LargeBinary),  # JSON; NULL (rows before 0003): no inputs
     # state: the transcript lives in run_checkpoint_messages; the header keeps its length and
     # encoded size so that an append can be checked against it without reading it
     Column("message_count", Integer, nullable=False, server_default=text("0")),
@@ -76,6 +77,15 @@ run_checkpoints = Table(
     Column("epoch", BigInteger, nullable=False, server_default=text("0")),
     Column("created_at", UTCDateTime, nullable=False),
     Column("updated_at", UTCDateTime, nullable=False),
+    # resume (0003): the host's state, and the state at the last phase boundary (NULL: not
+    # recorded, the run resumes from its whole transcript)
+    Column("extra", LargeBinary),
+    Column("boundary_message_count", Integer),
+    Column("boundary_iteration", Integer),
+    Column("boundary_extra", LargeBinary),
+    # crash loops (0003): the last save and the last recovery claim
+    Column("progress_at", UTCDateTime),
+    Column("claimed_at", UTCDateTime),
     Index("ix_run_checkpoints_status_updated_at", "status", "updated_at", "run_id"),
     Index("ix_run_checkpoints_agent_status_updated_at", "agent_id", "status", "updated_at"),
 )

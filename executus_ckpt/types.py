@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from typing import TypeAlias
 
@@ -29,6 +29,8 @@ class CheckpointStatus(enum.StrEnum):
     """Running or interrupted: a recovery candidate."""
     DEAD = "dead"
     """Kept for the operator (over its attempt budget, or quarantined); never resumed."""
+    FAILED = "failed"
+    """Failed terminally and kept for the operator (``keep_failed=True``); never resumed."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,7 +38,9 @@ class RunInfo:
     """What the host's run engine knows when a run starts.
 
     ``inputs["prompt"]``, when a ``str``, becomes the checkpoint's prompt so that a recovered
-    run can be re-dispatched.
+    run can be re-dispatched. Every JSON-compatible entry of ``inputs`` is stored and comes
+    back from :meth:`RunCheckpoint.run_info`; other entries are left out (one WARNING names
+    their keys).
     """
 
     run_id: str
@@ -63,12 +67,22 @@ class RunCheckpointMeta:
     prompt: str | None = None
     model_tier: str | None = None
     parent_run_id: str | None = None
+    inputs: Mapping[str, JSONValue] = field(default_factory=dict)
+    """The run's JSON-compatible inputs but a ``str`` prompt (kept as ``prompt``), given back
+    by :meth:`RunCheckpoint.run_info` on re-dispatch."""
 
     @classmethod
-    def from_run_info(cls, info: RunInfo) -> RunCheckpointMeta:
-        """Derive the meta: ``subject_id`` → ``agent_id``, ``name`` → ``agent_name``, and the
-        prompt from ``inputs["prompt"]`` only when it is a ``str``."""
+    def from_run_info(
+        cls, info: RunInfo, inputs: Mapping[str, JSONValue] | None = None
+    ) -> RunCheckpointMeta:
+        """Derive the meta: ``subject_id`` → ``agent_id``, ``name`` → ``agent_name``, the
+        prompt from ``inputs["prompt"]`` when it is a ``str`` (kept once, as ``prompt``), and
+        the other inputs (``inputs``: the JSON-compatible ones, as the factory filters them;
+        default all of ``info.inputs``)."""
+        given = dict(info.inputs if inputs is None else inputs)
         prompt = info.inputs.get("prompt")
+        if isinstance(prompt, str):
+            given.pop("prompt", None)
         return cls(
             run_id=info.run_id,
             agent_id=info.subject_id,
@@ -79,6 +93,7 @@ class RunCheckpointMeta:
             prompt=prompt if isinstance(prompt, str) else None,
             model_tier=info.model_tier,
             parent_run_id=info.parent_run_id,
+            inputs=given,  # type: ignore[arg-type]
         )
 
 
@@ -95,15 +110,27 @@ class RunCheckpointState:
     messages: Sequence[JSONValue] = ()
     iteration: int = 0
     completed_phases: Sequence[str] = ()
+    extra: Mapping[str, JSONValue] | None = None
+    """Host state wanted back on resume (token usage, counters, a framework's run state): a
+    JSON-compatible mapping, stored exactly as given, validated like messages."""
 
 
 @dataclass(frozen=True, slots=True)
 class ResumeState:
-    """What a recovered run is handed: the transcript and progress at its last checkpoint."""
+    """What a recovered run is handed: its state at the last phase boundary.
+
+    ``messages`` is the transcript as it stood when the last completed phase was first saved
+    (a prefix of the stored transcript), ``iteration`` and ``extra`` are those of that save;
+    ``interrupted_tail`` holds the messages saved after it (the interrupted phase's partial
+    work, which agent frameworks refuse to resume from). With no completed phase the resumed
+    run starts from an empty transcript.
+    """
 
     messages: Sequence[JSONValue] = ()
     iteration: int = 0
     completed_phases: Sequence[str] = ()
+    extra: Mapping[str, JSONValue] | None = None
+    interrupted_tail: Sequence[JSONValue] = ()
 
     def skipper(self) -> PhaseSkipper:
         """A fresh :class:`PhaseSkipper` over ``completed_phases``."""
@@ -137,6 +164,10 @@ class CheckpointSummary:
     """A stored checkpoint without its transcript: what listings and recovery scans return.
 
     ``size_bytes`` is the stored size of the transcript: the sum of its encoded messages.
+    The ``boundary_*`` fields are the state at the last phase boundary (``None`` for a
+    checkpoint written before boundaries were recorded: it resumes from its whole
+    transcript). ``progress_at`` is the time of the last save, ``claimed_at`` of the last
+    recovery claim: a claim with no save since the previous one counts as a failed attempt.
     """
 
     meta: RunCheckpointMeta
@@ -152,35 +183,38 @@ class CheckpointSummary:
     app_version: str | None = None
     owner: str | None = None
     epoch: int = 0
+    extra: Mapping[str, JSONValue] | None = None
+    boundary_message_count: int | None = None
+    boundary_iteration: int | None = None
+    boundary_extra: Mapping[str, JSONValue] | None = None
+    progress_at: datetime | None = None
+    claimed_at: datetime | None = None
 
     @property
     def run_id(self) -> str:
         return self.meta.run_id
 
+    @property
+    def suspect(self) -> bool:
+        """Claimed for recovery before and no save since: it may be what kills the process."""
+        return self.claimed_at is not None and (
+            self.progress_at is None or self.progress_at <= self.claimed_at
+        )
+
     def with_messages(self, messages: Sequence[JSONValue]) -> RunCheckpoint:
         """The full :class:`RunCheckpoint`: this summary plus its transcript."""
-        return RunCheckpoint(
-            meta=self.meta,
-            messages=messages,
-            iteration=self.iteration,
-            completed_phases=self.completed_phases,
-            created_at=self.created_at,
-            updated_at=self.updated_at,
-            attempts=self.attempts,
-            status=self.status,
-            last_error=self.last_error,
-            app_version=self.app_version,
-            owner=self.owner,
-            epoch=self.epoch,
-        )
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        del values["message_count"], values["size_bytes"]
+        return RunCheckpoint(messages=messages, **values)
 
 
 @dataclass(frozen=True, slots=True)
 class RunCheckpoint:
     """One stored checkpoint plus the bookkeeping the store keeps.
 
-    ``created_at``/``updated_at`` are timezone-aware UTC. ``attempts`` counts recovery claims,
-    ``epoch`` rises with every take-over so that a stale writer is fenced out.
+    ``created_at``/``updated_at`` are timezone-aware UTC. ``attempts`` counts recovery claims
+    after which the run made no progress, ``epoch`` rises with every take-over so that a
+    stale writer is fenced out. See :class:`CheckpointSummary` for the other fields.
     """
 
     meta: RunCheckpointMeta
@@ -195,14 +229,24 @@ class RunCheckpoint:
     app_version: str | None = None
     owner: str | None = None
     epoch: int = 0
+    extra: Mapping[str, JSONValue] | None = None
+    boundary_message_count: int | None = None
+    boundary_iteration: int | None = None
+    boundary_extra: Mapping[str, JSONValue] | None = None
+    progress_at: datetime | None = None
+    claimed_at: datetime | None = None
 
     @property
     def run_id(self) -> str:
         return self.meta.run_id
 
     def run_info(self) -> RunInfo:
-        """Rebuild the :class:`RunInfo` to re-dispatch this run (``inputs={"prompt": ...}``)."""
+        """Rebuild the :class:`RunInfo` to re-dispatch this run: its stored inputs (with
+        ``"prompt"``)."""
         m = self.meta
+        inputs: dict[str, object] = dict(m.inputs)
+        if m.prompt is not None:
+            inputs["prompt"] = m.prompt
         return RunInfo(
             run_id=m.run_id,
             subject_id=m.agent_id,
@@ -212,15 +256,31 @@ class RunCheckpoint:
             guild_id=m.guild_id,
             model_tier=m.model_tier,
             parent_run_id=m.parent_run_id,
-            inputs={"prompt": m.prompt} if m.prompt is not None else {},
+            inputs=inputs,
         )
 
     def resume_state(self) -> ResumeState:
-        """The :class:`ResumeState` a recovered run continues from."""
+        """The :class:`ResumeState` a recovered run continues from: the state at its last
+        phase boundary (see :class:`ResumeState`).
+
+        A checkpoint written before boundaries were recorded resumes from its whole
+        transcript, iteration and ``extra``.
+        """
+        messages = list(self.messages)
+        if self.boundary_message_count is None:
+            return ResumeState(
+                messages=messages,
+                iteration=self.iteration,
+                completed_phases=self.completed_phases,
+                extra=self.extra,
+            )
+        cut = min(self.boundary_message_count, len(messages))
         return ResumeState(
-            messages=self.messages,
-            iteration=self.iteration,
+            messages=messages[:cut],
+            iteration=self.boundary_iteration or 0,
             completed_phases=self.completed_phases,
+            extra=self.boundary_extra,
+            interrupted_tail=messages[cut:],
         )
 
 

@@ -46,6 +46,8 @@ def _batch_sql() -> str:
         f"h AS (UPDATE {_H} AS t SET {sets}, size_bytes = t.size_bytes + v.add_size "
         "FROM v WHERE t.run_id = v.run_id AND t.epoch <= v.epoch "
         "AND t.message_count = v.base AND t.size_bytes + v.add_size <= v.max_bytes "
+        # a save that changes the completed phases is a boundary: the Core path records it
+        "AND t.completed_phases = v.completed_phases "
         "RETURNING t.run_id), "
         f"ins AS (INSERT INTO {_M} (run_id, seq, data) "
         f"SELECT x.r, x.s, x.d FROM unnest(${n + 1}::text[], ${n + 2}::int[], "
@@ -81,6 +83,7 @@ def _single_sql(count: int | None) -> str:
     return (
         f"WITH h AS (UPDATE {_H} SET {sets}, size_bytes = size_bytes + ${n} "
         f"WHERE run_id = $1 AND epoch <= ${2 + _SET.index('epoch')} AND message_count = {base} "
+        f"AND completed_phases = ${2 + _SET.index('completed_phases')} "
         f"AND size_bytes + ${n} <= ${n + 2} RETURNING 1){insert} "
         "SELECT count(*) FROM h"
     )

@@ -15,11 +15,11 @@ from __future__ import annotations
 import enum
 import typing
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import fields
+from dataclasses import MISSING, fields
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final, cast
 
-from sqlalchemy import Column, LargeBinary
+from sqlalchemy import Column, LargeBinary, and_, case, func, literal
 from sqlalchemy.dialects import postgresql
 
 from .. import codec
@@ -37,15 +37,30 @@ SUMMARY_FIELDS: Final = tuple(f.name for f in fields(CheckpointSummary) if f.nam
 COMPUTED: Final = frozenset({"message_count", "size_bytes"})
 """Columns the store derives from the transcript (not fields of :class:`RunCheckpoint`)."""
 
-KEPT_ON_SAVE: Final = frozenset({"created_at", "attempts", "status", "last_error"})
+BOUNDARY: Final = ("boundary_message_count", "boundary_iteration", "boundary_extra")
+"""The state at the last phase boundary: derived by the store at each save (a save whose
+completed phases gained a phase over the stored ones is a boundary). ``progress_at`` is the time of
+that save (or of a release): a run that reached no new boundary since its last recovery
+claim made no progress."""
+
+DERIVED: Final = frozenset({*COMPUTED, *BOUNDARY, "progress_at"})
+"""Columns a save derives rather than copies from the checkpoint."""
+
+KEPT_ON_SAVE: Final = frozenset({"created_at", "attempts", "status", "last_error", "claimed_at"})
 """Bookkeeping a ``save`` of an existing run leaves as stored (recovery owns it)."""
 
 COLUMNS: Final = ("run_id", *META_FIELDS, *SUMMARY_FIELDS)
 SELECT: Final = tuple(header.c[name] for name in COLUMNS)
 """Every header column: what a summary is read from."""
 
-SAVED: Final = tuple(n for n in (*META_FIELDS, *SUMMARY_FIELDS) if n not in KEPT_ON_SAVE)
-"""Columns a ``save`` writes on an existing run (``message_count``/``size_bytes`` included)."""
+COPIED: Final = tuple(
+    n for n in (*META_FIELDS, *SUMMARY_FIELDS) if n not in KEPT_ON_SAVE and n not in DERIVED
+)
+"""Columns a ``save`` copies from the checkpoint onto an existing run."""
+
+SAVED: Final = (*COPIED, *COMPUTED)
+"""Columns a ``save`` sets to a value (the boundary columns and ``progress_at`` are set by
+an expression: they move only when the completed phases change)."""
 
 TAKEN_OVER: Final = (*META_FIELDS, "app_version", "owner")
 """Columns a take-over (``register`` of an existing run) refreshes; progress is kept."""
@@ -57,7 +72,15 @@ _missing = set(header.c.keys()) ^ set(COLUMNS)
 if _missing:  # pragma: no cover - caught by every test run
     raise RuntimeError(f"run_checkpoints columns and dataclass fields differ: {sorted(_missing)}")
 
-_HINTS = typing.get_type_hints(CheckpointSummary)
+_HINTS = {
+    **typing.get_type_hints(RunCheckpointMeta),
+    **typing.get_type_hints(CheckpointSummary),
+}
+_DEFAULTS = {
+    f.name: f.default_factory
+    for f in (*fields(RunCheckpointMeta), *fields(CheckpointSummary))
+    if f.default_factory is not MISSING
+}
 
 
 def as_utc(value: datetime) -> datetime:
@@ -74,7 +97,10 @@ def _is_json(column: Column[Any]) -> bool:
 def _decoder(name: str) -> Callable[[Any], Any]:
     hint = _HINTS.get(name)
     if _is_json(header.c[name]):
-        return codec.decode
+        default = _DEFAULTS.get(name)
+        if default is not None:  # NULL (a row written before the column existed): the default
+            return lambda value: default() if value is None else codec.decode(value)
+        return lambda value: None if value is None else codec.decode(value)
     if isinstance(hint, type) and issubclass(hint, enum.Enum):
         return cast(Callable[[Any], Any], hint)
     return lambda value: value
@@ -82,17 +108,25 @@ def _decoder(name: str) -> Callable[[Any], Any]:
 
 def _encoder(name: str) -> Callable[[Any], Any]:
     if _is_json(header.c[name]):
-        return lambda value: codec.encode(list(value) if isinstance(value, tuple) else value)
+        return lambda value: (
+            None
+            if value is None
+            else codec.encode(list(value) if isinstance(value, tuple) else value)
+        )
     hint = _HINTS.get(name)
     if isinstance(hint, type) and issubclass(hint, enum.Enum):
         return str
     if isinstance(header.c[name].type, UTCDateTime):
-        return as_utc
+        return lambda value: None if value is None else as_utc(value)
     return lambda value: value
 
 
-_DECODE: Final = {name: _decoder(name) for name in SUMMARY_FIELDS}
-_ENCODE: Final = {name: _encoder(name) for name in SUMMARY_FIELDS if name not in COMPUTED}
+_DECODE: Final = {name: _decoder(name) for name in (*META_FIELDS, *SUMMARY_FIELDS)}
+_ENCODE: Final = {
+    name: _encoder(name) for name in (*META_FIELDS, *SUMMARY_FIELDS) if name not in DERIVED
+}
+
+_META_NAMES: Final = frozenset(META_FIELDS)
 
 PG_TYPES: Final = {
     name: header.c[name].type.compile(dialect=postgresql.dialect())  # type: ignore[no-untyped-call]
@@ -102,7 +136,7 @@ PG_TYPES: Final = {
 
 
 def meta_of(row: Mapping[str, Any]) -> RunCheckpointMeta:
-    return RunCheckpointMeta(run_id=row["run_id"], **{n: row[n] for n in META_FIELDS})
+    return RunCheckpointMeta(run_id=row["run_id"], **{n: _DECODE[n](row[n]) for n in META_FIELDS})
 
 
 def summary_of(row: Any) -> CheckpointSummary:
@@ -120,18 +154,91 @@ def checkpoint_of(row: Any, messages: Sequence[bytes]) -> RunCheckpoint:
 def values_of(
     checkpoint: RunCheckpoint, *, completed_phases: bytes | None = None
 ) -> dict[str, Any]:
-    """Every header column of ``checkpoint`` but the computed ones, encoded for Core.
+    """Every header column of ``checkpoint`` but the derived ones, encoded for Core.
 
     ``completed_phases`` passes the phases' encoding when the caller already has it.
     """
     values: dict[str, Any] = {"run_id": checkpoint.meta.run_id}
-    for name in META_FIELDS:
-        values[name] = getattr(checkpoint.meta, name)
     for name, encode in _ENCODE.items():
-        values[name] = encode(getattr(checkpoint, name))
+        source = checkpoint.meta if name in _META_NAMES else checkpoint
+        values[name] = encode(getattr(source, name))
     if completed_phases is not None:
         values["completed_phases"] = completed_phases
     return values
+
+
+_NO_PHASES: Final = codec.encode([])
+
+
+def new_boundary(values: Mapping[str, Any]) -> dict[str, Any]:
+    """The boundary of a run's first stored state: the state itself if it has completed
+    phases, else the empty start (no messages, iteration 0, no extra)."""
+    if values["completed_phases"] == _NO_PHASES:
+        return {
+            "boundary_message_count": 0,
+            "boundary_iteration": 0,
+            "boundary_extra": None,
+            "progress_at": None,
+        }
+    return {
+        "boundary_message_count": values["message_count"],
+        "boundary_iteration": values["iteration"],
+        "boundary_extra": values["extra"],
+        "progress_at": values["updated_at"],
+    }
+
+
+class Incoming:
+    """Plain new values seen as attributes, like an upsert's ``excluded`` (for
+    :func:`boundary_update` in an ``UPDATE``)."""
+
+    def __init__(self, values: Mapping[str, Any]) -> None:
+        self._values = values
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            value = self._values[name]
+        except KeyError:
+            raise AttributeError(name) from None
+        # typed like its column, so that e.g. a time binds as the column stores it
+        return literal(value, header.c[name].type)
+
+
+def boundary_update(new: Any) -> dict[str, Any]:
+    """SET expressions that move the boundary when a save's completed phases gained one over
+    the stored ones (``new``: the incoming values, e.g. an upsert's ``excluded``), and otherwise
+    keep it within the new transcript (a host that compacted mid-phase resumes from a
+    prefix of what is stored). A boundary never recorded (NULL) stays so until the phases
+    change."""
+    # A phase appeared: the encoding of the list grew (a list that lost or swapped entries
+    # is not a boundary; the boundary then only stays within the new transcript).
+    changed = and_(
+        header.c.completed_phases != new.completed_phases,
+        func.length(new.completed_phases) > func.length(header.c.completed_phases),
+    )
+    count = header.c.boundary_message_count
+    return {
+        "boundary_message_count": case(
+            (changed, new.message_count),
+            (count.is_(None), None),
+            (count <= new.message_count, count),
+            else_=new.message_count,
+        ),
+        "boundary_iteration": case((changed, new.iteration), else_=header.c.boundary_iteration),
+        "boundary_extra": case((changed, new.extra), else_=header.c.boundary_extra),
+        "progress_at": case((changed, new.updated_at), else_=header.c.progress_at),
+    }
+
+
+def attempts_after_claim() -> Any:
+    """A claim counts as a failed attempt only if the run made no progress (no save) since
+    its previous claim; after progress the count restarts at 1 (this claim)."""
+    progressed = and_(
+        header.c.claimed_at.is_not(None),
+        header.c.progress_at.is_not(None),
+        header.c.progress_at > header.c.claimed_at,
+    )
+    return case((progressed, 1), else_=header.c.attempts + 1)
 
 
 def cutoff(older_than: float | None) -> datetime | None:

@@ -49,7 +49,9 @@ _UPDATE = (
     f"UPDATE {_rows.header.name} SET "
     + ", ".join(f"{c} = ?" for c in _SET)
     + ", size_bytes = size_bytes + ? "
-    "WHERE run_id = ? AND epoch <= ? AND message_count = ? AND size_bytes + ? <= ?"
+    "WHERE run_id = ? AND epoch <= ? AND message_count = ? AND size_bytes + ? <= ? "
+    # a save that changes the completed phases is a boundary: the Core path records it
+    "AND completed_phases = ?"
 )
 _INSERT = f"INSERT INTO {messages_table.name} (run_id, seq, data) VALUES (?, ?, ?)"
 
@@ -67,7 +69,16 @@ def sqlite_time(value: datetime) -> str:
 
 def _parameters(a: Append) -> tuple[Any, ...]:
     header = [sqlite_time(a.values[c]) if c in _TIMES else a.values[c] for c in _SET]
-    return (*header, a.size, a.run_id, a.epoch, a.base, a.size, a.max_bytes)
+    return (
+        *header,
+        a.size,
+        a.run_id,
+        a.epoch,
+        a.base,
+        a.size,
+        a.max_bytes,
+        a.values["completed_phases"],
+    )
 
 
 def _rows_of(a: Append) -> list[tuple[str, int, bytes]]:

@@ -31,9 +31,10 @@ class _Row:
 
     @classmethod
     def initial(cls, checkpoint: RunCheckpoint, phases: bytes) -> _Row:
-        """A new row from a checkpoint's header (messages are set by the caller)."""
+        """A registered run's first row: no messages yet."""
         values = _rows.values_of(checkpoint, completed_phases=phases)
-        return cls({**values, "message_count": 0, "size_bytes": 0})
+        values.update(message_count=0, size_bytes=0)
+        return cls({**values, **_rows.new_boundary(values)})
 
     def __getitem__(self, name: str) -> Any:
         return self.values[name]
@@ -46,6 +47,9 @@ class _Row:
 
     def checkpoint(self) -> RunCheckpoint:
         return _rows.checkpoint_of(self.values, self.messages)
+
+
+_KEPT_STATUSES = frozenset({str(CheckpointStatus.DEAD), str(CheckpointStatus.FAILED)})
 
 
 class InMemoryCheckpointStore:
@@ -105,13 +109,14 @@ class InMemoryCheckpointStore:
         if row is not None:
             self._check_epoch(row, checkpoint)
         check_size(run_id, size, self._max_bytes)
-        if row is None:
-            row = self._rows[run_id] = _Row.initial(checkpoint, phases)
         values = _rows.values_of(checkpoint, completed_phases=phases)
-        row.values.update({name: values[name] for name in _rows.SAVED if name in values})
+        values.update(message_count=len(encoded), size_bytes=size)
+        if row is None:
+            row = self._rows[run_id] = _Row({**values, **_rows.new_boundary(values)})
+        else:
+            row.values.update(_boundary_after(row.values, values))
+            row.values.update({name: values[name] for name in _rows.SAVED})
         row.messages = encoded
-        row["message_count"] = len(encoded)
-        row["size_bytes"] = size
 
     async def register(self, checkpoint: RunCheckpoint) -> int:
         phases = check_header(checkpoint)
@@ -190,10 +195,17 @@ class InMemoryCheckpointStore:
         row = self._rows.get(run_id)
         if row is None or row["status"] != CheckpointStatus.ACTIVE or row["epoch"] != epoch:
             return None
-        row["attempts"] += 1
+        progressed = (
+            row["claimed_at"] is not None
+            and row["progress_at"] is not None
+            and row["progress_at"] > row["claimed_at"]
+        )
+        now = utcnow()
+        row["attempts"] = 1 if progressed else row["attempts"] + 1
+        row["claimed_at"] = now
         row["epoch"] += 1
         row["owner"] = owner
-        row["updated_at"] = utcnow()
+        row["updated_at"] = now
         return row.checkpoint()
 
     async def mark_dead(self, run_id: str, *, reason: str, epoch: int | None = None) -> bool:
@@ -212,12 +224,31 @@ class InMemoryCheckpointStore:
         return True
 
     async def requeue(self, run_id: str) -> bool:
-        """Make a dead run recoverable again (status active, attempts 0); True if it was dead."""
+        """Make a dead or failed run recoverable again (status active, attempts 0); True if
+        it was dead or failed."""
         row = self._rows.get(run_id)
-        if row is None or row["status"] != CheckpointStatus.DEAD:
+        if row is None or row["status"] not in _KEPT_STATUSES:
             return False
         row["status"] = str(CheckpointStatus.ACTIVE)
         row["attempts"] = 0
+        row["claimed_at"] = None
+        return True
+
+    async def release(self, run_id: str, *, epoch: int) -> bool:
+        row = self._rows.get(run_id)
+        if row is None or row["epoch"] > epoch or row["status"] != CheckpointStatus.ACTIVE:
+            return False
+        row["owner"] = None
+        row["epoch"] += 1
+        row["progress_at"] = utcnow()
+        return True
+
+    async def mark_failed(self, run_id: str, *, error: str, epoch: int | None = None) -> bool:
+        row = self._rows.get(run_id)
+        if row is None or (epoch is not None and row["epoch"] > epoch):
+            return False
+        row["status"] = str(CheckpointStatus.FAILED)
+        row["last_error"] = clean_text(error)
         return True
 
     async def purge(
@@ -269,3 +300,17 @@ class InMemoryCheckpointStore:
 
     def __repr__(self) -> str:
         return f"InMemoryCheckpointStore(runs={len(self._rows)})"
+
+
+def _boundary_after(stored: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """The SQL store's ``boundary_update`` on one row (see ``_rows``)."""
+    old_phases, new_phases = stored["completed_phases"], new["completed_phases"]
+    if new_phases != old_phases and len(new_phases) > len(old_phases):
+        return {
+            "boundary_message_count": new["message_count"],
+            "boundary_iteration": new["iteration"],
+            "boundary_extra": new["extra"],
+            "progress_at": new["updated_at"],
+        }
+    count = stored["boundary_message_count"]
+    return {"boundary_message_count": None if count is None else min(count, new["message_count"])}

@@ -271,7 +271,7 @@ class SQLCheckpointStore:
         tail = _rows.appended_tail(messages, base, encoded_tail, run_id)
         tail_size = sum(map(len, tail))
         values = _rows.values_of(checkpoint, completed_phases=phases)
-        values["message_count"] = base + len(tail)
+        values.update(message_count=base + len(tail))
         append = Append(
             run_id=run_id,
             base=base,
@@ -285,12 +285,41 @@ class SQLCheckpointStore:
         with mapped_errors(self._engine.url, "saving", run_id, timeout=self._timeout):
             async with asyncio.timeout(self._timeout):
                 applied = await self._backend.append(append)
-        if applied:
+        if applied or await self._append_core(append):
             self._log_save(run_id, checkpoint.iteration, len(tail), tail_size, True)
             return
         # Not what we thought was stored (or fenced, or too large): write it all.
         head = codec.encode_messages(messages[:base], run_id)
         await self._rewrite(checkpoint, phases, head + tail, tail_size + sum(map(len, head)))
+
+    async def _append_core(self, append: Append) -> bool:
+        """The append as Core statements, recording a phase boundary (the raw path declines
+        a save whose completed phases differ from the stored ones); False if its guard failed
+        (another stored length, fenced, too large): nothing was written."""
+        values = append.values
+        stmt = (
+            header.update()
+            .where(
+                header.c.run_id == append.run_id,
+                header.c.epoch <= append.epoch,
+                header.c.message_count == append.base,
+                header.c.size_bytes + append.size <= append.max_bytes,
+            )
+            .values(
+                **{k: values[k] for k in _rows.APPENDED},
+                **_rows.boundary_update(_rows.Incoming(values)),
+                size_bytes=header.c.size_bytes + append.size,
+            )
+            .returning(header.c.run_id)
+        )
+
+        async def op(conn: AsyncConnection) -> bool:
+            if (await conn.execute(stmt)).first() is None:
+                return False
+            await self._insert_messages(conn, append.run_id, append.base, append.rows)
+            return True
+
+        return await self._write("saving", append.run_id, op)
 
     async def _rewrite(
         self, checkpoint: RunCheckpoint, phases: bytes, rows: list[bytes], size: int
@@ -299,10 +328,15 @@ class SQLCheckpointStore:
         run_id = checkpoint.meta.run_id
         check_size(run_id, size, self._max_bytes)
         values = _rows.values_of(checkpoint, completed_phases=phases)
-        stmt = self._insert(header).values(**values, message_count=len(rows), size_bytes=size)
+        values.update(message_count=len(rows), size_bytes=size)
+        values.update(_rows.new_boundary(values))
+        stmt = self._insert(header).values(**values)
         stmt = stmt.on_conflict_do_update(
             index_elements=[header.c.run_id],
-            set_={k: stmt.excluded[k] for k in _rows.SAVED},
+            set_={
+                **{k: stmt.excluded[k] for k in _rows.SAVED},
+                **_rows.boundary_update(stmt.excluded),
+            },
             where=header.c.epoch <= stmt.excluded.epoch,
         ).returning(header.c.epoch)
 
@@ -351,7 +385,9 @@ class SQLCheckpointStore:
         phases = check_header(checkpoint)
         meta = checkpoint.meta
         values = _rows.values_of(checkpoint, completed_phases=phases)
-        stmt = self._insert(header).values(**values, message_count=0, size_bytes=0)
+        values.update(message_count=0, size_bytes=0)
+        values.update(_rows.new_boundary(values))
+        stmt = self._insert(header).values(**values)
         stmt = stmt.on_conflict_do_update(
             index_elements=[header.c.run_id],
             set_={
@@ -500,6 +536,7 @@ class SQLCheckpointStore:
         check_text("owner", owner, run_id)
         if not is_storable_id(run_id):
             return None
+        now = utcnow()
         stmt = (
             header.update()
             .where(
@@ -510,10 +547,11 @@ class SQLCheckpointStore:
             # updated_at moves too: a recovery pass that started before this claim will not
             # list the run again (its scan is bounded by updated_before).
             .values(
-                attempts=header.c.attempts + 1,
+                attempts=_rows.attempts_after_claim(),
+                claimed_at=now,
                 epoch=header.c.epoch + 1,
                 owner=owner,
-                updated_at=utcnow(),
+                updated_at=now,
             )
             .returning(*_rows.SELECT)
         )
@@ -556,19 +594,57 @@ class SQLCheckpointStore:
         return await self._write("recording an error for", run_id, op)
 
     async def requeue(self, run_id: str) -> bool:
-        """Make a dead run recoverable again (status active, attempts 0); True if it was dead."""
+        """Make a dead or failed run recoverable again (status active, attempts 0); True if
+        it was dead or failed."""
         if not is_storable_id(run_id):
             return False
+        kept = (str(CheckpointStatus.DEAD), str(CheckpointStatus.FAILED))
         stmt = (
             header.update()
-            .where(header.c.run_id == run_id, header.c.status == str(CheckpointStatus.DEAD))
-            .values(status=str(CheckpointStatus.ACTIVE), attempts=0)
+            .where(header.c.run_id == run_id, header.c.status.in_(kept))
+            .values(status=str(CheckpointStatus.ACTIVE), attempts=0, claimed_at=None)
         )
 
         async def op(conn: AsyncConnection) -> bool:
             return bool((await conn.execute(stmt)).rowcount)
 
         return await self._write("requeueing", run_id, op)
+
+    async def release(self, run_id: str, *, epoch: int) -> bool:
+        """Hand a run cut off by a graceful shutdown back for recovery (see the protocol)."""
+        if not is_storable_id(run_id):
+            return False
+        stmt = (
+            header.update()
+            .where(
+                header.c.run_id == run_id,
+                header.c.epoch <= epoch,
+                header.c.status == str(CheckpointStatus.ACTIVE),
+            )
+            .values(owner=None, epoch=header.c.epoch + 1, progress_at=utcnow())
+        )
+
+        async def op(conn: AsyncConnection) -> bool:
+            return bool((await conn.execute(stmt)).rowcount)
+
+        return await self._write("releasing", run_id, op)
+
+    async def mark_failed(self, run_id: str, *, error: str, epoch: int | None = None) -> bool:
+        """Keep a terminally failed run for the operator with ``error`` (see the protocol)."""
+        if not is_storable_id(run_id):
+            return False
+        stmt = (
+            header.update()
+            .where(header.c.run_id == run_id)
+            .values(status=str(CheckpointStatus.FAILED), last_error=clean_text(error))
+        )
+        if epoch is not None:
+            stmt = stmt.where(header.c.epoch <= epoch)
+
+        async def op(conn: AsyncConnection) -> bool:
+            return bool((await conn.execute(stmt)).rowcount)
+
+        return await self._write("marking failed", run_id, op)
 
     async def purge(
         self,

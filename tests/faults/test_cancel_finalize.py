@@ -73,20 +73,12 @@ Lock = Callable[[], Any]
 """An async context manager factory: holds the lock a delete of RUN waits for."""
 
 
-UNSHIELDED = (
-    "issue 10 item 2: StoreCheckpointer._finalize awaits its lock and store.delete() in the "
-    "caller's task, unshielded: cancelled there, the delete is abandoned (the SQL stores "
-    "shield their own transaction once it started, the in-memory store has none)"
-)
-
-
 @pytest.fixture
 async def backend(
     store_url: str | None, request: pytest.FixtureRequest
 ) -> AsyncIterator[tuple[Any, Lock, Any]]:
     """(store, lock, waiting): ``waiting()`` is true once a write of RUN waits on the lock."""
     if store_url is None:
-        request.node.add_marker(pytest.mark.xfail(strict=True, reason=UNSHIELDED))
         memory = GatedStore()
 
         @asynccontextmanager
@@ -194,7 +186,6 @@ async def test_cancelled_finalize_still_deletes(
     await eventually(gone, within=3.0)
 
 
-@pytest.mark.xfail(strict=True, reason=UNSHIELDED)
 async def test_cancelled_complete_behind_an_in_flight_save_still_deletes(
     backend: tuple[Any, Lock, Any],
 ) -> None:

@@ -116,7 +116,7 @@ async def test_shutdown_keeps_the_newest_state(
     error = make()
     with pytest.raises(type(error)) as caught:
         async with checkpointed_run(factory, RUN, shutdown_exceptions=declared) as cp:
-            await cp.save(state(1))
+            await cp.save(state(1, phases=("plan",)))
             await cp.save(state(2, phases=("plan",)))  # throttled: pending
             assert (await store.load("run-1")).iteration == 1
             raise error
@@ -141,8 +141,8 @@ async def test_task_cancel_flushes_the_throttled_state_and_stays_cancelled(store
     async def run() -> None:
         nonlocal reached_end
         async with checkpointed_run(factory, RUN) as cp:
-            await cp.save(state(1))  # written
-            await cp.save(state(2))  # throttled
+            await cp.save(state(1, phases=("plan",)))  # written
+            await cp.save(state(2, phases=("plan",)))  # throttled
             await cp.save(state(3, phases=("plan",)))  # throttled, newest
             in_block.set()
             await never.wait()

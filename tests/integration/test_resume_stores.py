@@ -121,13 +121,18 @@ async def test_interrupted_run_resumes_at_its_phase_boundary(store: Any) -> None
         ("iter", "p4", "1"),
         ("finished",),
     ]
+    # The resumed run got the state at the p2 boundary: the interrupted p3's partial work is
+    # the tail, not part of the transcript it continues from.
+    resume = seen[0].resume_state()
+    assert list(resume.messages) == pre_crash[:5] and resume.iteration == 4
+    assert list(resume.interrupted_tail) == [{"phase": "p3", "step": 0, "iteration": 5}]
     final = second.messages
-    assert final[: len(pre_crash)] == pre_crash, "the transcript continues from the checkpoint"
-    assert final[len(pre_crash) :] == [
-        {"phase": "p3", "step": 0, "iteration": 6},
-        {"phase": "p3", "step": 1, "iteration": 7},
-        {"phase": "p4", "step": 0, "iteration": 8},
-        {"phase": "p4", "step": 1, "iteration": 9},
+    assert final[:5] == pre_crash[:5], "the transcript continues from the boundary"
+    assert final[5:] == [
+        {"phase": "p3", "step": 0, "iteration": 5},
+        {"phase": "p3", "step": 1, "iteration": 6},
+        {"phase": "p4", "step": 0, "iteration": 7},
+        {"phase": "p4", "step": 1, "iteration": 8},
     ]
     assert await store.load("run-1") is None, "the finished run deleted its checkpoint"
     assert await store.list_interrupted() == []
