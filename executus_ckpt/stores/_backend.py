@@ -39,6 +39,30 @@ class Append:
     """Values of ``_rows.APPENDED`` columns (``message_count`` included)."""
 
 
+def boundary_sets(new: Callable[[str], str], old: str = "") -> str:
+    """SET clauses of an append's raw ``UPDATE`` that record a phase boundary: the twin of
+    ``_rows.boundary_update`` (keep them alike; the contract tests run both paths), so that
+    a boundary save stays one statement. ``new(column)`` is the SQL of the incoming value,
+    ``old`` the stored row's qualifier (``"t."``). In an ``UPDATE`` a column on the right
+    of ``=`` is the stored value, before this statement.
+    """
+    phases = new("completed_phases")
+    changed = (
+        f"({old}completed_phases <> {phases} AND length({phases}) > length({old}completed_phases))"
+    )
+    count = new("message_count")
+    kept = f"{old}boundary_message_count"
+    return (
+        f"boundary_message_count = CASE WHEN {changed} THEN {count} WHEN {kept} IS NULL "
+        f"THEN NULL WHEN {kept} <= {count} THEN {kept} ELSE {count} END, "
+        f"boundary_iteration = CASE WHEN {changed} THEN {new('iteration')} "
+        f"ELSE {old}boundary_iteration END, "
+        f"boundary_extra = CASE WHEN {changed} THEN {new('extra')} "
+        f"ELSE {old}boundary_extra END, "
+        f"progress_at = CASE WHEN {changed} THEN {new('updated_at')} ELSE {old}progress_at END"
+    )
+
+
 def checkout_listeners(engine: AsyncEngine) -> tuple[Any, ...]:
     """The pool's ``checkout`` listeners now (compared by identity).
 

@@ -21,7 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ..schema import run_checkpoint_messages as messages_table
 from . import _rows
-from ._backend import Append, Operation, T, checkout_listeners
+from ._backend import Append, Operation, T, boundary_sets, checkout_listeners
 from ._errors import is_bad_data
 
 _H = _rows.header.name
@@ -43,11 +43,10 @@ def _batch_sql() -> str:
     sets = ", ".join(f"{c} = v.{c}" for c in _SET)
     return (
         f"WITH v AS (SELECT * FROM unnest({arrays}) AS v({', '.join(cols)})), "
-        f"h AS (UPDATE {_H} AS t SET {sets}, size_bytes = t.size_bytes + v.add_size "
+        f"h AS (UPDATE {_H} AS t SET {sets}, size_bytes = t.size_bytes + v.add_size, "
+        f"{boundary_sets(lambda c: f'v.{c}', 't.')} "
         "FROM v WHERE t.run_id = v.run_id AND t.epoch <= v.epoch "
         "AND t.message_count = v.base AND t.size_bytes + v.add_size <= v.max_bytes "
-        # a save that changes the completed phases is a boundary: the Core path records it
-        "AND t.completed_phases = v.completed_phases "
         "RETURNING t.run_id), "
         f"ins AS (INSERT INTO {_M} (run_id, seq, data) "
         f"SELECT x.r, x.s, x.d FROM unnest(${n + 1}::text[], ${n + 2}::int[], "
@@ -81,9 +80,9 @@ def _single_sql(count: int | None) -> str:
         else ""
     )
     return (
-        f"WITH h AS (UPDATE {_H} SET {sets}, size_bytes = size_bytes + ${n} "
+        f"WITH h AS (UPDATE {_H} SET {sets}, size_bytes = size_bytes + ${n}, "
+        f"{boundary_sets(lambda c: f'${2 + _SET.index(c)}::{_rows.PG_TYPES[c]}')} "
         f"WHERE run_id = $1 AND epoch <= ${2 + _SET.index('epoch')} AND message_count = {base} "
-        f"AND completed_phases = ${2 + _SET.index('completed_phases')} "
         f"AND size_bytes + ${n} <= ${n + 2} RETURNING 1){insert} "
         "SELECT count(*) FROM h"
     )

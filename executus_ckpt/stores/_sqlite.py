@@ -38,7 +38,7 @@ from ..errors import CheckpointError, StoreUnavailableError
 from ..schema import UTCDateTime
 from ..schema import run_checkpoint_messages as messages_table
 from . import _rows
-from ._backend import Append, Operation, T, checkout_listeners
+from ._backend import Append, Operation, T, boundary_sets, checkout_listeners
 from ._engine import WRITE_OPTIONS
 
 logger = logging.getLogger(__name__)
@@ -47,11 +47,11 @@ _SET = _rows.APPENDED
 _TIMES = frozenset(c for c in _SET if isinstance(_rows.header.c[c].type, UTCDateTime))
 _UPDATE = (
     f"UPDATE {_rows.header.name} SET "
-    + ", ".join(f"{c} = ?" for c in _SET)
-    + ", size_bytes = size_bytes + ? "
-    "WHERE run_id = ? AND epoch <= ? AND message_count = ? AND size_bytes + ? <= ? "
-    # a save that changes the completed phases is a boundary: the Core path records it
-    "AND completed_phases = ?"
+    + ", ".join(f"{c} = :{c}" for c in _SET)
+    + ", size_bytes = size_bytes + :add_size, "
+    + boundary_sets(lambda c: f":{c}")
+    + " WHERE run_id = :run_id AND epoch <= :epoch AND message_count = :base "
+    "AND size_bytes + :add_size <= :max_bytes"
 )
 _INSERT = f"INSERT INTO {messages_table.name} (run_id, seq, data) VALUES (?, ?, ?)"
 
@@ -67,18 +67,12 @@ def sqlite_time(value: datetime) -> str:
     return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
 
 
-def _parameters(a: Append) -> tuple[Any, ...]:
-    header = [sqlite_time(a.values[c]) if c in _TIMES else a.values[c] for c in _SET]
-    return (
-        *header,
-        a.size,
-        a.run_id,
-        a.epoch,
-        a.base,
-        a.size,
-        a.max_bytes,
-        a.values["completed_phases"],
+def _parameters(a: Append) -> dict[str, Any]:
+    values = {c: sqlite_time(a.values[c]) if c in _TIMES else a.values[c] for c in _SET}
+    values.update(
+        run_id=a.run_id, epoch=a.epoch, base=a.base, add_size=a.size, max_bytes=a.max_bytes
     )
+    return values
 
 
 def _rows_of(a: Append) -> list[tuple[str, int, bytes]]:

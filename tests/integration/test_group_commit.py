@@ -259,3 +259,47 @@ async def test_pg_append_of_any_length(pg_store: SQLCheckpointStore, added: int)
     loaded = await pg_store.load("len")
     assert loaded is not None and loaded.messages == [{"n": k} for k in range(2 + added)]
     assert loaded.iteration == 2 + added
+
+
+def staged(run_id: str, n: int, phases: list[str], extra: Any = None) -> RunCheckpoint:
+    return RunCheckpoint(
+        RunCheckpointMeta(run_id),
+        messages=[{"n": k} for k in range(n)],
+        iteration=n,
+        completed_phases=phases,
+        extra=extra,
+    )
+
+
+async def _appends_record_boundaries(
+    store: SQLCheckpointStore, runs: int, calls: list[str] | None = None
+) -> None:
+    await asyncio.gather(*(store.save(staged(f"b{i}", 2, [])) for i in range(runs)))
+    if calls is not None:
+        calls.clear()
+    await asyncio.gather(  # a boundary (a phase gained), appended
+        *(store.append(staged(f"b{i}", 4, ["plan"], {"k": i}), base_count=2) for i in range(runs))
+    )
+    assert calls is None or calls == ["_apply"], calls  # not declined to the Core path
+    await asyncio.gather(  # mid-phase: the boundary stays
+        *(store.append(staged(f"b{i}", 5, ["plan"]), base_count=4) for i in range(runs))
+    )
+    for i in range(runs):
+        loaded = await store.load(f"b{i}")
+        assert loaded is not None
+        resume = loaded.resume_state()
+        assert list(resume.messages) == [{"n": k} for k in range(4)]
+        assert resume.iteration == 4 and resume.extra == {"k": i}
+        assert list(resume.interrupted_tail) == [{"n": 4}]
+
+
+async def test_sqlite_boundary_append_is_one_call(
+    sqlite_store: SQLCheckpointStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A save that completes a phase records the boundary in the same raw statement.
+    await _appends_record_boundaries(sqlite_store, 1, count_thread_calls(monkeypatch))
+
+
+async def test_pg_boundary_appends_share_a_batch(pg_store: SQLCheckpointStore) -> None:
+    await _appends_record_boundaries(pg_store, 1)  # one statement alone
+    await _appends_record_boundaries(pg_store, 12)  # in batches
