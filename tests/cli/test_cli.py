@@ -55,6 +55,12 @@ LIST_KEYS = {
     "last_error",
     "created_at",
     "updated_at",
+    "extra",
+    "boundary_message_count",
+    "boundary_iteration",
+    "boundary_extra",
+    "progress_at",
+    "claimed_at",
 }
 SHOW_KEYS = {
     "run_id",
@@ -70,6 +76,12 @@ SHOW_KEYS = {
     "last_error",
     "created_at",
     "updated_at",
+    "extra",
+    "boundary_message_count",
+    "boundary_iteration",
+    "boundary_extra",
+    "progress_at",
+    "claimed_at",
     "messages",
 }
 META_KEYS = {
@@ -81,6 +93,7 @@ META_KEYS = {
     "model_tier",
     "parent_run_id",
     "prompt",
+    "inputs",
 }
 STATS_KEYS = {
     "total",
