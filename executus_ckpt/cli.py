@@ -503,9 +503,9 @@ def _each_run(action: str, call: RunAction, verb: str) -> Callable[..., None]:
 main.command("delete", help="Delete the checkpoints of RUN_IDS.")(
     _each_run("no such checkpoint", lambda store, run_id: store.delete(run_id), "deleted")
 )
-main.command("requeue", help="Make dead RUN_IDS recoverable again (attempts reset).")(
-    _each_run("no such dead run", lambda store, run_id: store.requeue(run_id), "requeued")
-)
+main.command(
+    "requeue", help="Make dead or failed RUN_IDS recoverable again (status active, attempts reset)."
+)(_each_run("no such dead or failed run", lambda store, run_id: store.requeue(run_id), "requeued"))
 
 
 @main.command()
