@@ -151,7 +151,7 @@ class StoreCheckpointer:
         throttle: float = DEFAULT_THROTTLE,
         clock: Clock | Callable[[], float] | None = None,
         sleep: Sleep | None = None,
-        epoch: int | None = 0,
+        epoch: int | None = None,
         app_version: str | None = None,
         owner: str | None = None,
         keep_failed: bool = False,
@@ -331,22 +331,29 @@ class StoreCheckpointer:
     async def _store_write(self, snap: _Snapshot) -> None:
         started = self._clock()
         if self._epoch is None:
-            self._epoch = await self._store.register(self._checkpoint(snap, 0))
+            # Register as begin() would (the initial row); the state itself follows.
+            initial = RunCheckpoint(
+                meta=self._meta, app_version=self._app_version, owner=self._owner
+            )
+            self._epoch = await self._store.register(initial)
             self._transcript.mark_empty()
         checkpoint = self._checkpoint(snap, self._epoch)
         transcript = snap.transcript
-        delta = self._transcript.delta(transcript) if self._appending else None
         try:
-            if delta is None or delta.changed_from < delta.stored:
-                # Unknown, shorter or edited within what is stored: rewrite it whole.
+            if not self._appending:
                 await self._store.save(checkpoint)
             else:
+                # Appends never create the run: a writer whose run was finished or taken
+                # over elsewhere is fenced instead of resurrecting it.
                 assert isinstance(self._store, AppendingStore)
-                own = delta.stored == transcript.changed_from
+                delta = self._transcript.delta(transcript)
+                stored = delta.stored if delta is not None else 0
+                own = delta is not None and delta.stored == transcript.changed_from
                 await self._store.append(
                     checkpoint,
-                    base_count=delta.stored,
+                    base_count=stored,
                     encoded_tail=transcript.encoded if own else None,
+                    replace_from=0 if delta is None else delta.changed_from,
                 )
         except CheckpointFencedError as exc:
             self._fenced = exc
@@ -458,10 +465,20 @@ class StoreCheckpointer:
                 kept = outcome == "failed" and self._keep_failed
                 if kept:
                     text = "none given" if error is None else f"{type(error).__name__}: {error}"
-                    await self._store.mark_failed(self.run_id, error=text, epoch=self._epoch)
+                    done = await self._store.mark_failed(self.run_id, error=text, epoch=self._epoch)
                 else:
-                    await self._store.delete(self.run_id, epoch=self._epoch)
+                    done = await self._store.delete(self.run_id, epoch=self._epoch)
                 self._state = _State.DELETED
+                if not done and self._epoch is not None:
+                    logger.warning(
+                        "run %s %s, but its checkpoint is gone or was taken over by another "
+                        "owner (this writer's epoch %d): nothing changed",
+                        self.run_id,
+                        outcome,
+                        self._epoch,
+                        extra={"action": "finalize_fenced", "run_id": self.run_id},
+                    )
+                    return
         except BaseException:
             self._finalizer = None  # a later complete()/fail() tries again
             raise
@@ -488,7 +505,7 @@ def new_checkpointer(
     throttle: float = DEFAULT_THROTTLE,
     clock: Clock | None = None,
     sleep: Sleep | None = None,
-    epoch: int | None = 0,
+    epoch: int | None = None,
     app_version: str | None = None,
     owner: str | None = None,
     keep_failed: bool = False,
@@ -504,8 +521,10 @@ def new_checkpointer(
             method (like :class:`executus_ckpt.testing.ManualClock`), the trailing flush waits
             on it.
         sleep: an explicit sleep for the trailing flush, overriding ``clock.sleep``.
-        epoch: the fencing epoch this writer holds (from ``store.register``); ``None`` takes
-            the run over at the first write.
+        epoch: the fencing epoch this writer holds (from ``store.register``); ``None``
+            (default) registers the run, or takes it over, at the first write. Writes never
+            create a run after that: a run deleted or taken over elsewhere raises
+            :class:`CheckpointFencedError`.
         app_version: stored on every checkpoint (see ``recover_interrupted(accept=...)``).
         owner: the executor id stored on every checkpoint.
         keep_failed: ``fail()`` keeps the checkpoint as ``failed`` with the error instead of

@@ -190,17 +190,23 @@ class AppendingStore(CheckpointStore, Protocol):
         *,
         base_count: int,
         encoded_tail: Sequence[bytes] | None = None,
+        replace_from: int | None = None,
     ) -> None:
-        """Store ``checkpoint``, whose transcript extends the stored one at ``base_count``.
+        """Store ``checkpoint`` over the existing run, writing only what changed.
 
-        The caller believes the stored transcript is ``checkpoint.messages[:base_count]``; only
-        the messages after it are written (``encoded_tail``, when given, holds their
-        encodings). If the stored transcript has another length the whole transcript is
-        rewritten in the same transaction, never a mix. Afterwards the stored state is exactly
-        ``checkpoint``, as after :meth:`CheckpointStore.save`.
+        The caller believes the stored transcript is ``checkpoint.messages[:base_count]``
+        except from ``replace_from`` on (default ``base_count``: a pure append); only the
+        messages after it are written (``encoded_tail``, when given, holds the encodings of
+        ``messages[base_count:]``). If the stored transcript is not what the caller believes,
+        the whole transcript is rewritten in the same transaction, never a mix. Afterwards
+        the stored state is exactly ``checkpoint``, as after :meth:`CheckpointStore.save`.
+        Unlike ``save``, ``append`` never creates a run: this is how a checkpointer writes,
+        so a stale writer cannot resurrect a run that was finished or taken over.
 
         Raises:
-            As :meth:`CheckpointStore.save`.
+            CheckpointFencedError: the run is gone or its stored epoch is newer.
+            CheckpointSerializationError, CheckpointTooLargeError: nothing was written.
+            StoreUnavailableError: the database failed.
         """
         ...
 

@@ -10,6 +10,7 @@ from sqlalchemy import (
     Column,
     DateTime,
     Dialect,
+    Float,
     Index,
     Integer,
     LargeBinary,
@@ -21,7 +22,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.types import TypeDecorator
 
-REQUIRED_REVISION: Final = "0003"
+REQUIRED_REVISION: Final = "0004"
 """The alembic revision this version of the library reads and writes."""
 
 metadata = MetaData()
@@ -88,6 +89,7 @@ run_checkpoints = Table(
     Column("claimed_at", UTCDateTime),
     Index("ix_run_checkpoints_status_updated_at", "status", "updated_at", "run_id"),
     Index("ix_run_checkpoints_agent_status_updated_at", "agent_id", "status", "updated_at"),
+    Index("ix_run_checkpoints_owner", "owner"),
 )
 
 
@@ -101,3 +103,23 @@ run_checkpoint_messages = Table(
     # one message as UTF-8 JSON, encoded once and stored as-is on every backend
     Column("data", LargeBinary, nullable=False),
 )
+
+
+executors = Table(
+    "executus_ckpt_executors",
+    metadata,
+    # A fresh id per start (uuid4 hex); ``name`` is only a label and may repeat.
+    Column("id", String(64), primary_key=True),
+    Column("name", String(255)),
+    Column("host", String(255)),
+    Column("pid", Integer),
+    Column("app_version", String(255)),
+    Column("state", String(16), nullable=False),  # running, draining, stopped
+    Column("stale_after", Float, nullable=False),
+    # seconds since the epoch by the database's clock (never a host's)
+    Column("started_at", Float, nullable=False),
+    Column("heartbeat_at", Float, nullable=False),
+    Column("expires_at", Float, nullable=False),  # heartbeat_at + stale_after
+    Column("stopped_at", Float),
+)
+"""Running service instances: a run whose owner is not a live row here is interrupted."""

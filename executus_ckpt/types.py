@@ -297,3 +297,48 @@ class CheckpointStats:
     largest_run_id: str | None = None
     oldest_interrupted_run_id: str | None = None
     oldest_interrupted_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ExecutorInfo:
+    """One registered executor (a running service instance), as the operator sees it.
+
+    ``heartbeat_age`` is in seconds by the database's clock; ``alive`` is true while its
+    heartbeat has not expired (``stale_after``) and it has not stopped.
+    """
+
+    id: str
+    name: str | None
+    host: str | None
+    pid: int | None
+    app_version: str | None
+    state: str
+    stale_after: float
+    heartbeat_age: float
+    alive: bool
+    runs_owned: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ExecutorStats:
+    """What :meth:`Executor.stats` reports (counts since the executor started)."""
+
+    id: str
+    name: str | None
+    state: str
+    live_executors: int
+    """Executors seen alive at the last sweep (this one included)."""
+    runs_owned: int
+    claims: int
+    """Runs this executor claimed for recovery."""
+    rescues: int
+    """Claimed runs whose previous owner was a registered executor (it died or stalled)."""
+    releases: int
+    """Runs handed back by drains (this executor's)."""
+    fenced_writes: int
+    """Writes of this executor's runs refused because another owner took the run over."""
+    heartbeat_age: float | None
+    """Seconds since the last successful heartbeat (host monotonic clock)."""
+    heartbeat_failures: int
+    clock_skew: float | None
+    """Host clock minus database clock, in seconds, at the last heartbeat."""

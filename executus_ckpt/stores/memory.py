@@ -75,17 +75,28 @@ class InMemoryCheckpointStore:
         *,
         base_count: int,
         encoded_tail: Sequence[bytes] | None = None,
+        replace_from: int | None = None,
     ) -> None:
-        """As :meth:`save`, encoding only the messages after ``base_count`` when the stored
-        transcript has that length (see :class:`AppendingStore`)."""
+        """As the SQL store's: only the messages after ``base_count`` are encoded when the
+        stored transcript has that length and nothing before it changed; never creates the
+        run (see :class:`AppendingStore`)."""
         phases = check_header(checkpoint)
         run_id = checkpoint.meta.run_id
         messages = checkpoint.messages
         base = valid_base(base_count, messages)
         row = self._rows.get(run_id)
-        if row is None or base is None or len(row.messages) != base:
-            return await self.save(checkpoint)
+        if row is None:
+            raise CheckpointFencedError(
+                f"run {run_id!r} was deleted; this writer (epoch {checkpoint.epoch}) may no "
+                "longer save it",
+                run_id=run_id,
+                epoch=checkpoint.epoch,
+            )
         self._check_epoch(row, checkpoint)
+        edited = replace_from is not None and replace_from < base_count
+        if base is None or edited or len(row.messages) != base:
+            encoded = codec.encode_messages(messages, run_id)
+            return self._store(checkpoint, phases, encoded, sum(map(len, encoded)))
         tail = appended_tail(messages, base, encoded_tail, run_id)
         self._store(
             checkpoint, phases, row.messages + tail, row["size_bytes"] + sum(map(len, tail))

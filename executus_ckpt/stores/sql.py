@@ -14,7 +14,7 @@ from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, func, select, tuple_
+from sqlalchemy import and_, exists, func, or_, select, tuple_
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -35,9 +35,17 @@ from ..config import (
     DEFAULT_SQLITE_BUSY_TIMEOUT,
 )
 from ..errors import CheckpointFencedError
+from ..schema import executors
 from ..schema import run_checkpoint_messages as messages
 from ..schema import run_checkpoints as header
-from ..types import CheckpointStats, CheckpointStatus, CheckpointSummary, RunCheckpoint, utcnow
+from ..types import (
+    CheckpointStats,
+    CheckpointStatus,
+    CheckpointSummary,
+    ExecutorInfo,
+    RunCheckpoint,
+    utcnow,
+)
 from . import _rows
 from ._backend import Append, Backend, Operation, T
 from ._engine import (
@@ -258,16 +266,22 @@ class SQLCheckpointStore:
         *,
         base_count: int,
         encoded_tail: Sequence[bytes] | None = None,
+        replace_from: int | None = None,
     ) -> None:
-        """Store ``checkpoint``, writing only the messages after ``base_count`` (see
-        :class:`AppendingStore`): one guarded statement on the raw driver, or, if the stored
-        transcript is not ``messages[:base_count]``, a full rewrite in one transaction."""
+        """Store ``checkpoint`` over an existing run, writing only what changed (see
+        :class:`AppendingStore`): one guarded statement on the raw driver (which records a
+        phase boundary too); a rewrite of the transcript in one transaction when the
+        stored one is not ``messages[:base_count]`` or messages before ``base_count`` changed
+        (``replace_from``). Never creates the run: a run deleted or taken over raises
+        :class:`CheckpointFencedError`."""
         phases = check_header(checkpoint)
         run_id = checkpoint.meta.run_id
         messages = checkpoint.messages
         base = _rows.valid_base(base_count, messages)
-        if base is None:
-            return await self.save(checkpoint)
+        edited = replace_from is not None and replace_from < base_count
+        if base is None or edited:
+            rows = codec.encode_messages(messages, run_id)
+            return await self._rewrite(checkpoint, phases, rows, sum(map(len, rows)), create=False)
         tail = _rows.appended_tail(messages, base, encoded_tail, run_id)
         tail_size = sum(map(len, tail))
         values = _rows.values_of(checkpoint, completed_phases=phases)
@@ -285,65 +299,56 @@ class SQLCheckpointStore:
         with mapped_errors(self._engine.url, "saving", run_id, timeout=self._timeout):
             async with asyncio.timeout(self._timeout):
                 applied = await self._backend.append(append)
-        if applied or await self._append_core(append):
+        if applied:
             self._log_save(run_id, checkpoint.iteration, len(tail), tail_size, True)
             return
         # Not what we thought was stored (or fenced, or too large): write it all.
         head = codec.encode_messages(messages[:base], run_id)
-        await self._rewrite(checkpoint, phases, head + tail, tail_size + sum(map(len, head)))
-
-    async def _append_core(self, append: Append) -> bool:
-        """The append as Core statements, recording a phase boundary (the raw path declines
-        a save whose completed phases differ from the stored ones); False if its guard failed
-        (another stored length, fenced, too large): nothing was written."""
-        values = append.values
-        stmt = (
-            header.update()
-            .where(
-                header.c.run_id == append.run_id,
-                header.c.epoch <= append.epoch,
-                header.c.message_count == append.base,
-                header.c.size_bytes + append.size <= append.max_bytes,
-            )
-            .values(
-                **{k: values[k] for k in _rows.APPENDED},
-                **_rows.boundary_update(_rows.Incoming(values)),
-                size_bytes=header.c.size_bytes + append.size,
-            )
-            .returning(header.c.run_id)
+        await self._rewrite(
+            checkpoint, phases, head + tail, tail_size + sum(map(len, head)), create=False
         )
 
-        async def op(conn: AsyncConnection) -> bool:
-            if (await conn.execute(stmt)).first() is None:
-                return False
-            await self._insert_messages(conn, append.run_id, append.base, append.rows)
-            return True
-
-        return await self._write("saving", append.run_id, op)
-
     async def _rewrite(
-        self, checkpoint: RunCheckpoint, phases: bytes, rows: list[bytes], size: int
+        self,
+        checkpoint: RunCheckpoint,
+        phases: bytes,
+        rows: list[bytes],
+        size: int,
+        *,
+        create: bool = True,
     ) -> None:
-        """Upsert the header and replace the transcript, in one transaction."""
+        """Write the header and replace the transcript, in one transaction; ``create``
+        inserts a missing run (``save``), else a missing or newer run is fenced."""
         run_id = checkpoint.meta.run_id
         check_size(run_id, size, self._max_bytes)
         values = _rows.values_of(checkpoint, completed_phases=phases)
         values.update(message_count=len(rows), size_bytes=size)
-        values.update(_rows.new_boundary(values))
-        stmt = self._insert(header).values(**values)
-        stmt = stmt.on_conflict_do_update(
-            index_elements=[header.c.run_id],
-            set_={
-                **{k: stmt.excluded[k] for k in _rows.SAVED},
-                **_rows.boundary_update(stmt.excluded),
-            },
-            where=header.c.epoch <= stmt.excluded.epoch,
-        ).returning(header.c.epoch)
+        if create:
+            values.update(_rows.new_boundary(values))
+            upsert = self._insert(header).values(**values)
+            stmt = upsert.on_conflict_do_update(
+                index_elements=[header.c.run_id],
+                set_={
+                    **{k: upsert.excluded[k] for k in _rows.SAVED},
+                    **_rows.boundary_update(upsert.excluded),
+                },
+                where=header.c.epoch <= upsert.excluded.epoch,
+            ).returning(header.c.epoch)
+        else:
+            stmt = (
+                header.update()
+                .where(header.c.run_id == run_id, header.c.epoch <= checkpoint.epoch)
+                .values(
+                    **{k: values[k] for k in _rows.SAVED},
+                    **_rows.boundary_update(_rows.Incoming(values)),
+                )
+                .returning(header.c.epoch)
+            )
 
         async def op(conn: AsyncConnection) -> None:
             if (await conn.execute(stmt)).first() is None:
                 raise CheckpointFencedError(
-                    f"run {run_id!r} was taken over by a newer writer; this writer "
+                    f"run {run_id!r} was deleted or taken over by a newer writer; this writer "
                     f"(epoch {checkpoint.epoch}) is stale and may no longer save it",
                     run_id=run_id,
                     epoch=checkpoint.epoch,
@@ -454,6 +459,22 @@ class SQLCheckpointStore:
 
         return await self._write("deleting", run_id, op)
 
+    def _db_clock(self) -> Any:
+        """Seconds since the epoch by the database's clock (never a host's)."""
+        if self._dialect == "postgresql":
+            return func.date_part("epoch", func.clock_timestamp())
+        return (func.julianday("now") - 2440587.5) * 86400.0
+
+    def _unowned(self, stale_owners: bool = True) -> Any:
+        """No live executor owns the run: no owner, or one that never registered, stopped,
+        or (with ``stale_owners``) whose heartbeat expired by the database's clock."""
+        live = select(executors.c.id).where(
+            executors.c.id == header.c.owner, executors.c.state != "stopped"
+        )
+        if stale_owners:
+            live = live.where(executors.c.expires_at > self._db_clock())
+        return or_(header.c.owner.is_(None), ~exists(live))
+
     def _filters(
         self,
         status: CheckpointStatus | None,
@@ -476,12 +497,17 @@ class SQLCheckpointStore:
         agent_id: str | None = None,
         older_than: float | None = None,
         limit: int | None = None,
+        stale_owners: bool = True,
     ) -> list[RunCheckpoint]:
-        """Active checkpoints with transcripts, oldest ``updated_at`` first."""
+        """Interrupted checkpoints with transcripts, oldest ``updated_at`` first (see the
+        protocol for what is interrupted)."""
         limit = check_limit(limit)
         stmt = (
             select(*_rows.SELECT)
-            .where(*self._filters(CheckpointStatus.ACTIVE, agent_id, older_than))
+            .where(
+                *self._filters(CheckpointStatus.ACTIVE, agent_id, older_than),
+                self._unowned(stale_owners),
+            )
             .order_by(header.c.updated_at, header.c.run_id)
             .limit(limit)
         )
@@ -499,10 +525,14 @@ class SQLCheckpointStore:
         updated_before: datetime | None = None,
         limit: int | None = None,
         newest_first: bool = False,
+        interrupted: bool = False,
+        stale_owners: bool = True,
     ) -> AsyncIterator[CheckpointSummary]:
         """Stream summaries page by page (keyset pagination on ``(updated_at, run_id)``)."""
         limit = check_limit(limit)
         filters = self._filters(status, agent_id, older_than)
+        if interrupted:
+            filters.append(self._unowned(stale_owners))
         if updated_before is not None:
             filters.append(header.c.updated_at < _rows.as_utc(updated_before))
         key = tuple_(header.c.updated_at, header.c.run_id)
@@ -530,7 +560,7 @@ class SQLCheckpointStore:
             last = (rows[-1].updated_at, rows[-1].run_id)
 
     async def claim(
-        self, run_id: str, *, epoch: int, owner: str | None = None
+        self, run_id: str, *, epoch: int, owner: str | None = None, stale_owners: bool = True
     ) -> RunCheckpoint | None:
         """Atomically claim an active run at ``epoch`` for recovery (see the protocol)."""
         check_text("owner", owner, run_id)
@@ -543,6 +573,9 @@ class SQLCheckpointStore:
                 header.c.run_id == run_id,
                 header.c.status == str(CheckpointStatus.ACTIVE),
                 header.c.epoch == epoch,
+                # re-checked at write time: a run whose owner came back (or that finished)
+                # since it was listed is left alone
+                self._unowned(stale_owners),
             )
             # updated_at moves too: a recovery pass that started before this claim will not
             # list the run again (its scan is bounded by updated_before).
@@ -749,3 +782,128 @@ class SQLCheckpointStore:
         stmt = select(func.count()).select_from(header).where(*self._filters(status, None, None))
         async with self._read("counting runs", None) as conn:
             return int((await conn.execute(stmt)).scalar_one())
+
+    # -- executors (many replicas) ---------------------------------------------------------
+
+    async def register_executor(
+        self,
+        executor_id: str,
+        *,
+        name: str | None,
+        host: str | None,
+        pid: int | None,
+        app_version: str | None,
+        stale_after: float,
+    ) -> float:
+        """Record a starting executor as alive; returns the database's clock (epoch s)."""
+        for field, value in (("executor name", name), ("host", host), ("app_version", app_version)):
+            check_text(field, value, None)
+        now = self._db_clock()
+        stmt = (
+            self._insert(executors)
+            .values(
+                id=executor_id,
+                name=name,
+                host=host,
+                pid=pid,
+                app_version=app_version,
+                state="running",
+                stale_after=stale_after,
+                started_at=now,
+                heartbeat_at=now,
+                expires_at=now + stale_after,
+            )
+            .returning(executors.c.heartbeat_at)
+        )
+
+        async def op(conn: AsyncConnection) -> float:
+            return float((await conn.execute(stmt)).scalar_one())
+
+        return await self._write("registering executor", None, op)
+
+    async def heartbeat_executor(self, executor_id: str) -> float | None:
+        """Extend a running (or draining) executor's life by its ``stale_after``; returns the
+        database's clock (epoch s), or None if its row is gone or stopped."""
+        now = self._db_clock()
+        stmt = (
+            executors.update()
+            .where(executors.c.id == executor_id, executors.c.state != "stopped")
+            .values(heartbeat_at=now, expires_at=now + executors.c.stale_after)
+            .returning(executors.c.heartbeat_at)
+        )
+
+        async def op(conn: AsyncConnection) -> float | None:
+            value = (await conn.execute(stmt)).scalar()
+            return None if value is None else float(value)
+
+        return await self._write("heartbeat", None, op)
+
+    async def set_executor_state(self, executor_id: str, state: str) -> None:
+        """``draining`` (still owns its runs) or ``stopped`` (deregistered: owns nothing)."""
+        values: dict[str, Any] = {"state": state}
+        if state == "stopped":
+            values["stopped_at"] = self._db_clock()
+        stmt = executors.update().where(executors.c.id == executor_id).values(**values)
+
+        async def op(conn: AsyncConnection) -> None:
+            await conn.execute(stmt)
+
+        await self._write("updating executor", None, op)
+
+    async def release_owned(self, owner: str) -> int:
+        """Hand back every active run ``owner`` holds (owner cleared, epoch raised, counted as
+        progress): what a drain does last. Returns how many."""
+        stmt = (
+            header.update()
+            .where(header.c.owner == owner, header.c.status == str(CheckpointStatus.ACTIVE))
+            .values(owner=None, epoch=header.c.epoch + 1, progress_at=utcnow())
+            .returning(header.c.run_id)
+        )
+
+        async def op(conn: AsyncConnection) -> int:
+            return len((await conn.execute(stmt)).all())
+
+        return await self._write("releasing runs of", None, op)
+
+    async def list_executors(self, *, include_stopped: bool = False) -> list[ExecutorInfo]:
+        """Registered executors, newest first, with heartbeat age by the database's clock
+        and the runs each owns."""
+        now = self._db_clock()
+        owned = (
+            select(func.count())
+            .select_from(header)
+            .where(
+                header.c.owner == executors.c.id, header.c.status == str(CheckpointStatus.ACTIVE)
+            )
+            .scalar_subquery()
+        )
+        stmt = select(
+            executors,
+            (now - executors.c.heartbeat_at).label("age"),
+            (executors.c.expires_at > now).label("fresh"),
+            owned.label("owned"),
+        ).order_by(executors.c.started_at.desc())
+        if not include_stopped:
+            stmt = stmt.where(executors.c.state != "stopped")
+        async with self._read("listing executors", None) as conn:
+            rows = (await conn.execute(stmt)).all()
+        return [
+            ExecutorInfo(
+                id=r.id,
+                name=r.name,
+                host=r.host,
+                pid=r.pid,
+                app_version=r.app_version,
+                state=r.state,
+                stale_after=float(r.stale_after),
+                heartbeat_age=max(0.0, float(r.age)),
+                alive=bool(r.fresh) and r.state != "stopped",
+                runs_owned=int(r.owned),
+            )
+            for r in rows
+        ]
+
+    async def database_time(self) -> float:
+        """The database's clock, in seconds since the epoch."""
+        async with self._read("reading the database clock", None) as conn:
+            return float((await conn.execute(select(self._db_clock()))).scalar_one())

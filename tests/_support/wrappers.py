@@ -60,14 +60,26 @@ class AppendingRecorder(Recorder):
 
     appends = 0
 
-    async def append(self, checkpoint: Any, *, base_count: int, encoded_tail: Any = None) -> None:
+    async def append(
+        self,
+        checkpoint: Any,
+        *,
+        base_count: int,
+        encoded_tail: Any = None,
+        replace_from: Any = None,
+    ) -> None:
         self.entered.set()
         if self.gate is not None:
             await self.gate.wait()
         if self.fail_next:
             self.fail_next -= 1
             raise StoreUnavailableError("injected failure", run_id=checkpoint.meta.run_id)
-        await self.inner.append(checkpoint, base_count=base_count, encoded_tail=encoded_tail)
+        await self.inner.append(
+            checkpoint,
+            base_count=base_count,
+            encoded_tail=encoded_tail,
+            replace_from=replace_from,
+        )
         self.saved.append(checkpoint.iteration)
         self.appends += 1
 

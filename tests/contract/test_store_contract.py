@@ -379,7 +379,7 @@ async def test_save_keeps_attempts_status_and_last_error(store: Any) -> None:
 
 async def test_append_with_base_count(store: Any) -> None:
     msgs = transcript(3)
-    await store.append(make("app", messages=msgs, iteration=1, created_at=T0), base_count=0)
+    await store.save(make("app", messages=msgs, iteration=1, created_at=T0))
     for step in range(2, 6):
         base = len(msgs)
         msgs = [*msgs, *transcript(step, f"step {step} ")]
@@ -422,11 +422,11 @@ async def test_wrong_base_count_still_stores_exactly_the_given_transcript(store:
         (summary,) = await summaries(store)
         assert summary.message_count == len(msgs), what
         assert_size(summary.size_bytes, msgs)
-    # A hint for a run that has no row (deleted meanwhile) inserts it whole.
+    # An append never creates a run: one deleted meanwhile is fenced, not resurrected.
     assert await store.delete("wb") is True
     fresh = make("wb", messages=transcript(4, "f "), iteration=9)
-    await store.append(fresh, base_count=3)
-    assert_same_state(await store.load("wb"), fresh)
+    await raises(store.append(fresh, base_count=3), CheckpointFencedError)
+    assert await store.load("wb") is None
 
 
 async def test_append_after_take_over_and_fencing(store: Any) -> None:
@@ -1328,8 +1328,9 @@ async def test_two_hundred_concurrent_runs(store: Any) -> None:
                 completed_phases=[f"p{k}" for k in range(step)],
                 agent_id=f"agent-{i % 5}",
             )
-            # Odd runs append, even runs rewrite: both paths run side by side.
-            await (store.append(cp, base_count=base) if i % 2 else store.save(cp))
+            # Odd runs append (after their first save created them), even runs rewrite:
+            # both paths run side by side.
+            await (store.append(cp, base_count=base) if i % 2 and base else store.save(cp))
 
     await asyncio.gather(*(run(i) for i in range(runs)))
     assert await store.count() == runs

@@ -90,7 +90,8 @@ async def test_failed_write_raises_and_does_not_throttle_the_next_save(store: An
     rec.fail_next = 1
     with pytest.raises(StoreUnavailableError):
         await cp.save(state(1))
-    assert await stored_iteration(store) is None
+    # The first write registered the run (the initial row, iteration 0); the save failed.
+    assert await stored_iteration(store) == 0
     await cp.save(state(2))  # same instant: the window did not advance on failure
     assert rec.saved == [2]
     assert await stored_iteration(store) == 2

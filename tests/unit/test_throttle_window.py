@@ -33,7 +33,14 @@ class SlowStore(InMemoryCheckpointStore):
         await self.gate.wait()
         await super().save(checkpoint)
 
-    async def append(self, checkpoint: Any, *, base_count: int, encoded_tail: Any = None) -> None:
+    async def append(
+        self,
+        checkpoint: Any,
+        *,
+        base_count: int,
+        encoded_tail: Any = None,
+        replace_from: Any = None,
+    ) -> None:
         await self.save(checkpoint)
 
 
