@@ -18,6 +18,7 @@ from .errors import (
     ShutdownError,
     StoreUnavailableError,
 )
+from .executor import Executor
 from .lifecycle import Outcome, checkpointed_run, classify_outcome
 from .migrate import migrate
 from .protocols import Checkpointer, CheckpointerFactory, CheckpointStore
@@ -28,6 +29,8 @@ from .types import (
     CheckpointStats,
     CheckpointStatus,
     CheckpointSummary,
+    ExecutorInfo,
+    ExecutorStats,
     JSONValue,
     PhaseSkipper,
     ResumeState,
@@ -51,6 +54,9 @@ __all__ = [
     "CheckpointTooLargeError",
     "Checkpointer",
     "CheckpointerFactory",
+    "Executor",
+    "ExecutorInfo",
+    "ExecutorStats",
     "InMemoryCheckpointStore",
     "JSONValue",
     "NoopCheckpointer",

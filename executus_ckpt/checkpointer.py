@@ -156,9 +156,11 @@ class StoreCheckpointer:
         owner: str | None = None,
         keep_failed: bool = False,
         verify: bool = False,
+        on_fenced: Callable[[str], None] | None = None,
     ) -> None:
         self._store = store
         self._keep_failed = keep_failed
+        self._on_fenced = on_fenced
         self._appending = isinstance(store, AppendingStore)
         self._meta = meta
         self._throttle = float(throttle)
@@ -358,6 +360,8 @@ class StoreCheckpointer:
         except CheckpointFencedError as exc:
             self._fenced = exc
             self._state = _State.FENCED
+            if self._on_fenced is not None:
+                self._on_fenced(self.run_id)
             logger.warning(
                 "run %s was taken over by a newer writer; this checkpointer stops writing",
                 self.run_id,
@@ -583,10 +587,12 @@ class StoreCheckpointerFactory:
         sleep: Sleep | None = None,
         keep_failed: bool = False,
         verify: bool = False,
+        on_fenced: Callable[[str], None] | None = None,
     ) -> None:
         self._store = store
         self._keep_failed = keep_failed
         self._verify = verify
+        self._on_fenced = on_fenced
         self._throttle = throttle
         self._executor_id = executor_id
         self._app_version = app_version
@@ -630,6 +636,7 @@ class StoreCheckpointerFactory:
             owner=self._executor_id,
             keep_failed=self._keep_failed,
             verify=self._verify,
+            on_fenced=self._on_fenced,
         )
 
 

@@ -40,3 +40,19 @@ DEFAULT_RECOVERY_CONCURRENCY: Final = 8
 
 DEFAULT_PAGE_SIZE: Final = 100
 """Rows fetched per round trip when streaming listings."""
+
+DEFAULT_HEARTBEAT_INTERVAL: Final = 5.0
+"""Seconds between an executor's heartbeats (one per process)."""
+
+DEFAULT_STALE_AFTER: Final = 30.0
+"""Seconds without a heartbeat, by the database's clock, after which an executor's runs are
+taken over by peers."""
+
+DEFAULT_SWEEP_INTERVAL: Final = 5.0
+"""Seconds between an executor's recovery sweeps."""
+
+DEFAULT_DRAIN_GRACE: Final = 20.0
+"""Seconds ``Executor.drain`` waits for owned runs to end before cancelling them."""
+
+MAX_CLOCK_SKEW: Final = 5.0
+"""Host-vs-database clock difference (seconds) above which an executor logs a WARNING."""

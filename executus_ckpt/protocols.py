@@ -10,6 +10,7 @@ from .types import (
     CheckpointStats,
     CheckpointStatus,
     CheckpointSummary,
+    ExecutorInfo,
     RunCheckpoint,
     RunCheckpointState,
     RunInfo,
@@ -109,13 +110,20 @@ class CheckpointStore(Protocol):
         agent_id: str | None = None,
         older_than: float | None = None,
         limit: int | None = None,
+        stale_owners: bool = True,
     ) -> list[RunCheckpoint]:
-        """Active checkpoints, oldest ``updated_at`` first.
+        """Interrupted checkpoints, oldest ``updated_at`` first.
+
+        Interrupted = active and owned by no live executor: no owner (released), an owner
+        that never registered (hosts without an :class:`Executor`), a stopped one, or one
+        whose heartbeat expired by the database's clock.
 
         Args:
             agent_id: only runs of this agent.
             older_than: only runs not updated for at least this many seconds.
-            limit: at most this many.
+            limit: at most this many (``None``: all; ``0``: none).
+            stale_owners: count runs of executors whose heartbeat expired (False: only of
+                executors that are gone for sure).
         """
         ...
 
@@ -128,24 +136,28 @@ class CheckpointStore(Protocol):
         updated_before: datetime | None = None,
         limit: int | None = None,
         newest_first: bool = False,
+        interrupted: bool = False,
+        stale_owners: bool = True,
     ) -> AsyncIterator[CheckpointSummary]:
         """Stream checkpoints without their transcripts, in ``updated_at`` order.
 
         Memory stays bounded by one page whatever the number of rows. ``status=None`` lists
         every status. ``updated_before`` (aware) bounds the scan absolutely, so rows touched
-        while it runs are not listed again.
+        while it runs are not listed again. ``interrupted`` keeps only runs no live executor
+        owns (see :meth:`list_interrupted`).
         """
         ...
 
     async def claim(
-        self, run_id: str, *, epoch: int, owner: str | None = None
+        self, run_id: str, *, epoch: int, owner: str | None = None, stale_owners: bool = True
     ) -> RunCheckpoint | None:
-        """Atomically claim an active run for recovery.
+        """Atomically claim an interrupted run for recovery.
 
         Succeeds only if the stored epoch still equals ``epoch`` (nobody claimed or took it over
-        since it was listed): raises the attempt count and the epoch, records ``owner``, sets
-        ``updated_at`` to now and returns the claimed checkpoint. Returns ``None`` if the claim
-        was lost.
+        since it was listed) and the run is still interrupted (checked in the same statement):
+        raises the epoch and, unless the run progressed since its previous claim, the attempt
+        count; records ``owner``; sets ``updated_at`` to now and returns the claimed checkpoint.
+        Returns ``None`` if the claim was lost.
         """
         ...
 
@@ -259,4 +271,45 @@ class Clock(Protocol):
 
     async def sleep(self, seconds: float) -> None:
         """Wait until the clock has advanced ``seconds``."""
+        ...
+
+
+@runtime_checkable
+class ExecutorStore(CheckpointStore, Protocol):
+    """What :class:`Executor` needs on top of a store: executor rows judged by the database's
+    clock (seconds since the epoch), and bulk release."""
+
+    async def register_executor(
+        self,
+        executor_id: str,
+        *,
+        name: str | None,
+        host: str | None,
+        pid: int | None,
+        app_version: str | None,
+        stale_after: float,
+    ) -> float:
+        """Record a starting executor as alive for ``stale_after`` s; returns the database's
+        clock."""
+        ...
+
+    async def heartbeat_executor(self, executor_id: str) -> float | None:
+        """Extend the executor's life; the database's clock, or None if it is gone or
+        stopped."""
+        ...
+
+    async def set_executor_state(self, executor_id: str, state: str) -> None:
+        """``draining`` (still owns its runs) or ``stopped`` (deregistered)."""
+        ...
+
+    async def release_owned(self, owner: str) -> int:
+        """Release every active run ``owner`` holds; returns how many."""
+        ...
+
+    async def list_executors(self, *, include_stopped: bool = False) -> list[ExecutorInfo]:
+        """Registered executors, newest first."""
+        ...
+
+    async def database_time(self) -> float:
+        """The database's clock, in seconds since the epoch."""
         ...

@@ -57,6 +57,8 @@ async def recover_interrupted(
     agent_id: str | None = None,
     older_than: float | None = None,
     limit: int | None = None,
+    stale_owners: bool = True,
+    on_claim: Callable[[CheckpointSummary, RunCheckpoint], None] | None = None,
 ) -> RecoveryReport:
     """Re-dispatch the interrupted runs, oldest first; call once at service start.
 
@@ -91,6 +93,13 @@ async def recover_interrupted(
         accept: predicate over the claimed checkpoint; False quarantines the run.
         owner: this executor's id, recorded on each claimed run.
         agent_id, older_than, limit: restrict the pass (as for ``list_interrupted``).
+        on_claim: called with the listed summary and the claimed checkpoint of each claim
+            (an :class:`Executor` counts rescues with it).
+        stale_owners: take runs of executors whose heartbeat expired (an :class:`Executor`
+            passes False until its own heartbeats have succeeded for ``stale_after``).
+
+    Only *interrupted* runs are taken: runs owned by a live :class:`Executor` (another
+    replica) are left alone, here and again inside each claim's statement.
 
     Raises:
         StoreUnavailableError: the store could not be listed (per-run store errors are
@@ -111,7 +120,11 @@ async def recover_interrupted(
     async def recover_one(summary: CheckpointSummary) -> None:
         run_id = summary.run_id
         try:
-            checkpoint = await store.claim(run_id, epoch=summary.epoch, owner=owner)
+            checkpoint = await store.claim(
+                run_id, epoch=summary.epoch, owner=owner, stale_owners=stale_owners
+            )
+            if checkpoint is not None and on_claim is not None:
+                on_claim(summary, checkpoint)
             if checkpoint is None:
                 lost.append(run_id)
                 logger.info(
@@ -190,6 +203,8 @@ async def recover_interrupted(
             older_than=older_than,
             updated_before=started,
             limit=limit,
+            interrupted=True,
+            stale_owners=stale_owners,
         ):
             if summary.suspect:
                 suspects.append(summary)  # dispatched alone, after the others

@@ -64,7 +64,8 @@ def create_engine(
         connect_args.setdefault("timeout", connect_timeout)
         connect_args.setdefault("command_timeout", operation_timeout)
         options["connect_args"] = connect_args
-    options.setdefault("pool_timeout", operation_timeout)
+    if "poolclass" not in options:  # NullPool & co. take no pool_timeout
+        options.setdefault("pool_timeout", operation_timeout)
     # No pool_pre_ping: on asyncpg it costs three round trips per checkout. A connection that
     # died is invalidated by the error it raises, and the pool reconnects.
     if parsed.get_backend_name() == "sqlite":

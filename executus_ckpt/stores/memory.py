@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -15,6 +16,7 @@ from ..types import (
     CheckpointStats,
     CheckpointStatus,
     CheckpointSummary,
+    ExecutorInfo,
     RunCheckpoint,
     utcnow,
 )
@@ -62,6 +64,7 @@ class InMemoryCheckpointStore:
 
     def __init__(self, *, max_checkpoint_bytes: int = DEFAULT_MAX_CHECKPOINT_BYTES) -> None:
         self._rows: dict[str, _Row] = {}
+        self._executors: dict[str, dict[str, Any]] = {}
         self._max_bytes = max_checkpoint_bytes
 
     async def save(self, checkpoint: RunCheckpoint) -> None:
@@ -176,9 +179,11 @@ class InMemoryCheckpointStore:
         agent_id: str | None = None,
         older_than: float | None = None,
         limit: int | None = None,
+        stale_owners: bool = True,
     ) -> list[RunCheckpoint]:
         limit = check_limit(limit)
         rows = self._select(CheckpointStatus.ACTIVE, agent_id, older_than, False)
+        rows = [r for r in rows if self._unowned(r, stale_owners)]
         return [r.checkpoint() for r in rows[:limit]]
 
     async def iter_summaries(
@@ -190,9 +195,13 @@ class InMemoryCheckpointStore:
         updated_before: datetime | None = None,
         limit: int | None = None,
         newest_first: bool = False,
+        interrupted: bool = False,
+        stale_owners: bool = True,
     ) -> AsyncIterator[CheckpointSummary]:
         limit = check_limit(limit)
         rows = self._select(status, agent_id, older_than, newest_first)
+        if interrupted:
+            rows = [r for r in rows if self._unowned(r, stale_owners)]
         if updated_before is not None:
             rows = [r for r in rows if r["updated_at"] < as_utc(updated_before)]
         # Snapshot first, as a database page would be: later changes are not seen.
@@ -200,11 +209,13 @@ class InMemoryCheckpointStore:
             yield summary
 
     async def claim(
-        self, run_id: str, *, epoch: int, owner: str | None = None
+        self, run_id: str, *, epoch: int, owner: str | None = None, stale_owners: bool = True
     ) -> RunCheckpoint | None:
         check_text("owner", owner, run_id)
         row = self._rows.get(run_id)
         if row is None or row["status"] != CheckpointStatus.ACTIVE or row["epoch"] != epoch:
+            return None
+        if not self._unowned(row, stale_owners):
             return None
         progressed = (
             row["claimed_at"] is not None
@@ -308,6 +319,92 @@ class InMemoryCheckpointStore:
     async def count(self, *, status: CheckpointStatus | None = None) -> int:
         """How many checkpoints are stored (with ``status``, only those)."""
         return sum(1 for r in self._rows.values() if status is None or r["status"] == status)
+
+    # -- executors (one process: the store's clock is the host's) ------------------------------
+
+    def _unowned(self, row: _Row, stale_owners: bool) -> bool:
+        owner = row["owner"]
+        if owner is None:
+            return True
+        executor = self._executors.get(owner)
+        if executor is None or executor["state"] == "stopped":
+            return True
+        return stale_owners and executor["expires_at"] <= time.time()
+
+    async def register_executor(
+        self,
+        executor_id: str,
+        *,
+        name: str | None,
+        host: str | None,
+        pid: int | None,
+        app_version: str | None,
+        stale_after: float,
+    ) -> float:
+        now = time.time()
+        self._executors[executor_id] = {
+            "id": executor_id,
+            "name": name,
+            "host": host,
+            "pid": pid,
+            "app_version": app_version,
+            "state": "running",
+            "stale_after": stale_after,
+            "started_at": now,
+            "heartbeat_at": now,
+            "expires_at": now + stale_after,
+        }
+        return now
+
+    async def heartbeat_executor(self, executor_id: str) -> float | None:
+        executor = self._executors.get(executor_id)
+        if executor is None or executor["state"] == "stopped":
+            return None
+        now = time.time()
+        executor["heartbeat_at"] = now
+        executor["expires_at"] = now + executor["stale_after"]
+        return now
+
+    async def set_executor_state(self, executor_id: str, state: str) -> None:
+        executor = self._executors.get(executor_id)
+        if executor is not None:
+            executor["state"] = state
+
+    async def release_owned(self, owner: str) -> int:
+        released = 0
+        for row in self._rows.values():
+            if row["owner"] == owner and row["status"] == CheckpointStatus.ACTIVE:
+                row["owner"] = None
+                row["epoch"] += 1
+                row["progress_at"] = utcnow()
+                released += 1
+        return released
+
+    async def list_executors(self, *, include_stopped: bool = False) -> list[ExecutorInfo]:
+        now = time.time()
+        owned: dict[str, int] = {}
+        for row in self._rows.values():
+            if row["owner"] is not None and row["status"] == CheckpointStatus.ACTIVE:
+                owned[row["owner"]] = owned.get(row["owner"], 0) + 1
+        return [
+            ExecutorInfo(
+                id=e["id"],
+                name=e["name"],
+                host=e["host"],
+                pid=e["pid"],
+                app_version=e["app_version"],
+                state=e["state"],
+                stale_after=e["stale_after"],
+                heartbeat_age=max(0.0, now - e["heartbeat_at"]),
+                alive=e["state"] != "stopped" and e["expires_at"] > now,
+                runs_owned=owned.get(e["id"], 0),
+            )
+            for e in sorted(self._executors.values(), key=lambda e: -e["started_at"])
+            if include_stopped or e["state"] != "stopped"
+        ]
+
+    async def database_time(self) -> float:
+        return time.time()
 
     def __repr__(self) -> str:
         return f"InMemoryCheckpointStore(runs={len(self._rows)})"

@@ -198,6 +198,11 @@ class SQLCheckpointStore:
         return self._engine
 
     @property
+    def operation_timeout(self) -> float:
+        """Seconds one operation may take (see the class docstring)."""
+        return self._timeout
+
+    @property
     def dialect(self) -> str:
         """``"sqlite"`` or ``"postgresql"``."""
         return self._dialect

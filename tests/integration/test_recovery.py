@@ -222,10 +222,12 @@ class ClaimCounter:
         self.active = 0
         self.max_active = 0
 
-    async def claim(self, run_id: str, *, epoch: int, owner: str | None = None) -> Any:
+    async def claim(
+        self, run_id: str, *, epoch: int, owner: str | None = None, stale_owners: bool = True
+    ) -> Any:
         self.active += 1
         self.max_active = max(self.max_active, self.active)
-        return await self.inner.claim(run_id, epoch=epoch, owner=owner)
+        return await self.inner.claim(run_id, epoch=epoch, owner=owner, stale_owners=stale_owners)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)

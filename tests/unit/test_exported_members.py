@@ -36,6 +36,8 @@ DESIGN_NAMES = {
     "CheckpointTooLargeError",
     "SchemaOutOfDateError",
     "CheckpointFencedError",
+    "Executor",
+    "CheckpointStatus",
 }
 
 
@@ -51,7 +53,8 @@ def test_all_is_pinned() -> None:
         | {
             "CheckpointNotFoundError",
             "CheckpointStats",
-            "CheckpointStatus",
+            "ExecutorInfo",
+            "ExecutorStats",
             "CheckpointSummary",
             "JSONValue",
             "StoreCheckpointer",

@@ -1,0 +1,148 @@
+"""Executor in one process, on every store: ownership, interrupted-ness, recovery loop, drain,
+stats. The multi-process scenarios (SIGKILL, SIGTERM, SIGSTOP) are in tests/replicas."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from executus_ckpt import (
+    CheckpointFencedError,
+    CheckpointStatus,
+    Executor,
+    RunCheckpoint,
+    RunCheckpointState,
+    RunInfo,
+    StoreCheckpointerFactory,
+    checkpointed_run,
+)
+
+FAST = {"heartbeat_interval": 0.2, "stale_after": 1.0, "sweep_interval": 0.1}
+
+
+async def _eventually(predicate: Any, within: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + within
+    while not await predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.05)
+
+
+async def test_runs_of_a_live_executor_are_not_interrupted(store: Any) -> None:
+    async with Executor(store, name="a", **FAST) as a:
+        release = asyncio.Event()
+
+        async def live_run() -> None:
+            async with checkpointed_run(a.factory(), RunInfo("live")) as cp:
+                await cp.save(RunCheckpointState(messages=[{"m": 0}], iteration=1))
+                await release.wait()
+
+        task = asyncio.create_task(live_run())
+        await _eventually(lambda: _exists(store, "live"))
+        assert await store.list_interrupted() == []
+        # a second replica booting now leaves it alone
+        async with Executor(store, name="b", **FAST) as b:
+            dispatched: list[str] = []
+
+            async def dispatch(cp: RunCheckpoint) -> None:
+                dispatched.append(cp.run_id)
+
+            b.recover(dispatch)
+            await asyncio.sleep(0.5)
+            assert dispatched == []
+            assert b.stats().live_executors == 2
+        release.set()
+        await task
+    assert await store.load("live") is None
+
+
+async def test_a_dead_executors_runs_are_rescued_after_stale_after(store: Any) -> None:
+    a = Executor(store, name="a", **FAST)
+    await a.start()
+    factory = a.factory()
+    cp = await factory.begin(RunInfo("orphan", inputs={"prompt": "p"}))
+    await cp.save(RunCheckpointState(messages=[{"m": 0}], iteration=1, completed_phases=["x"]))
+    assert a._heartbeat is not None
+    await a._heartbeat.stop()  # a dies: no more heartbeats, no drain
+    async with Executor(store, name="b", **FAST) as b:
+        finished: list[str] = []
+
+        async def dispatch(ckpt: RunCheckpoint) -> None:
+            async with checkpointed_run(b.factory(), ckpt.run_info()) as again:
+                await again.save(RunCheckpointState(messages=[{"m": 0}, {"m": 1}], iteration=2))
+            finished.append(ckpt.run_id)
+
+        b.recover(dispatch)
+        await _eventually(lambda: _true(finished == ["orphan"]), within=8)
+        assert b.stats().rescues == 1 and b.stats().claims == 1
+    with pytest.raises(CheckpointFencedError):  # the zombie writer is fenced
+        await cp.save(RunCheckpointState(messages=[{"m": 9}], iteration=9))
+    await cp.complete()  # changes nothing
+    assert await store.load("orphan") is None, "finished once, not resurrected"
+
+
+async def test_drain_cancels_releases_and_a_peer_takes_over_at_once(store: Any) -> None:
+    slow = {**FAST, "stale_after": 60.0}  # a peer takes the runs because they were released
+    a = Executor(store, name="a", **slow)
+    await a.start()
+    started = asyncio.Event()
+
+    async def long_run(run_id: str) -> None:
+        async with checkpointed_run(a.factory(), RunInfo(run_id)) as cp:
+            await cp.save(RunCheckpointState(messages=[{"m": 0}], iteration=1))
+            started.set()
+            await asyncio.sleep(60)
+
+    tasks = [asyncio.create_task(long_run(f"r{i}")) for i in range(3)]
+    await started.wait()
+    await asyncio.sleep(0.1)
+    await a.drain(grace=0.2)
+    assert all(t.cancelled() for t in tasks)
+    assert a.stats().releases >= 3 and a.state == "stopped"
+    rows = [await store.load(f"r{i}") for i in range(3)]
+    assert all(r is not None and r.owner is None for r in rows)
+    async with Executor(store, name="b", **slow) as b:
+        taken: list[str] = []
+
+        async def dispatch(cp: RunCheckpoint) -> None:
+            taken.append(cp.run_id)
+            await store.delete(cp.run_id)
+
+        b.recover(dispatch)
+        await _eventually(lambda: _true(sorted(taken) == ["r0", "r1", "r2"]), within=3)
+    for _ in range(4):  # drains in a row never make a run dead
+        row = await store.load("r0")
+        assert row is None or row.status == CheckpointStatus.ACTIVE
+
+
+async def test_begin_after_drain_is_refused(store: Any) -> None:
+    async with Executor(store, **FAST) as ex:
+        factory = ex.factory()
+    with pytest.raises(Exception, match="stopped"):
+        await factory.begin(RunInfo("late"))
+
+
+async def test_single_process_hosts_keep_todays_behaviour(store: Any) -> None:
+    factory = StoreCheckpointerFactory(store, executor_id="bot-1")  # never registered
+    cp = await factory.begin(RunInfo("r"))
+    await cp.save(RunCheckpointState(messages=[{"m": 0}], iteration=1))
+    assert [c.run_id for c in await store.list_interrupted()] == ["r"]
+
+
+async def test_executors_are_listed(store: Any) -> None:
+    async with Executor(store, name="lister", app_version="v9", **FAST) as ex:
+        await ex.factory().begin(RunInfo("owned"))
+        (info,) = [e for e in await store.list_executors() if e.id == ex.id]
+        assert info.name == "lister" and info.app_version == "v9" and info.alive
+        assert info.runs_owned == 1 and info.heartbeat_age < 5
+    assert all(e.id != ex.id for e in await store.list_executors())
+
+
+async def _exists(store: Any, run_id: str) -> bool:
+    return await store.load(run_id) is not None
+
+
+async def _true(value: bool) -> bool:
+    return value
