@@ -18,7 +18,7 @@ async def unretrieved() -> AsyncIterator[list[dict[str, Any]]]:
 
     A write that timed out leaves its driver error on a future nobody awaits (the PostgreSQL
     append's, the SQLite group-commit writer's), reported when the future is collected:
-    pinned by strict xfails (test_timed_out_append_leaves_no_unretrieved_error,
+    pinned by tests (test_timed_out_append_leaves_no_unretrieved_error,
     test_timed_out_write_leaves_no_unretrieved_error). Tests whose subject is something else
     collect them here, with a garbage collection at teardown so that none is reported later.
     Every other loop error still fails the test (tests/conftest.py).

@@ -221,12 +221,6 @@ async def test_an_operation_timeout_is_a_failure_not_a_shutdown(
     assert classify_outcome(error) is Outcome.FAILED
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 10 item 6: a PostgreSQL append that timed out leaves its driver error on "
-    "a future nobody awaits (PostgresBackend.append/_drain): asyncio logs 'Future exception "
-    "was never retrieved'",
-)
 async def test_timed_out_append_leaves_no_unretrieved_error(
     store: SQLCheckpointStore, proxy: TCPProxy, unretrieved: list[dict[str, Any]]
 ) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 
+import asyncpg
 import pytest
 
 from executus_ckpt import (
@@ -43,6 +44,13 @@ async def test_store_reports_outage_and_recovers(cluster: TempCluster) -> None:
         cp = await factory.begin(RunInfo("outage-run"))
         await cp.save(RunCheckpointState(messages=[{"n": 0}], iteration=1))
 
+        # The throwaway server runs with synchronous_commit=off (speed): make what is
+        # committed so far durable before crashing it, as a production server would have.
+        admin = await asyncpg.connect(url.replace("+asyncpg", ""))
+        try:
+            await admin.execute("CHECKPOINT")
+        finally:
+            await admin.close()
         await asyncio.to_thread(cluster.stop, "immediate")
         clock.advance(10)
         with pytest.raises(StoreUnavailableError) as info:

@@ -141,12 +141,6 @@ async def test_trailing_flush_retries_until_the_pool_frees_up(
     await cp.complete()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 10 item 4: a write whose caller timed out leaves its error on a future "
-    "nobody awaits (the SQLite group-commit writer's _Pending.future, PostgresBackend."
-    "append's future): asyncio logs 'Future exception was never retrieved'",
-)
 async def test_timed_out_write_leaves_no_unretrieved_error(
     sql_url: str, unretrieved: list[dict[str, Any]]
 ) -> None:
