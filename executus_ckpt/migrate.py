@@ -23,7 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from .config import VERSION_TABLE
 from .errors import CheckpointError, SchemaOutOfDateError
-from .schema import REQUIRED_REVISION
+from .schema import OLDEST_COMPATIBLE_KEY, REQUIRED_REVISION, schema_info
 from .stores._engine import (
     WRITE_OPTIONS,
     configure_sqlite,
@@ -280,5 +280,34 @@ async def check_schema_revision(engine: AsyncEngine) -> None:
     read, so a store on an up-to-date database never imports alembic.
     """
     found = await current_revision(engine)
-    if found != REQUIRED_REVISION:
-        raise schema_error(engine.url, found)
+    if found == REQUIRED_REVISION:
+        return
+    if found is not None and found > REQUIRED_REVISION:
+        # A newer release migrated the database (a rolling deploy): fine if that release
+        # declared its schema usable by code requiring our revision.
+        oldest = await _oldest_compatible_revision(engine)
+        if oldest is not None and oldest <= REQUIRED_REVISION:
+            logger.info(
+                "database schema at revision %s, declared compatible with revision %s "
+                "(this release requires %s)",
+                found,
+                oldest,
+                REQUIRED_REVISION,
+                extra={"action": "schema_compatible", "found": found},
+            )
+            return
+    raise schema_error(engine.url, found)
+
+
+async def _oldest_compatible_revision(engine: AsyncEngine) -> str | None:
+    def read(connection: Connection) -> str | None:
+        if not inspect(connection).has_table(schema_info.name):
+            return None
+        value = connection.execute(
+            select(schema_info.c.value).where(schema_info.c.name == OLDEST_COMPATIBLE_KEY)
+        ).scalar()
+        return None if value is None else str(value)
+
+    with mapped_errors(engine.url, "reading the schema's compatibility"):
+        async with engine.connect() as conn:
+            return await conn.run_sync(read)

@@ -123,3 +123,16 @@ executors = Table(
     Column("stopped_at", Float),
 )
 """Running service instances: a run whose owner is not a live row here is interrupted."""
+
+
+schema_info = Table(
+    "executus_ckpt_schema_info",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("value", String(64), nullable=False),
+)
+"""Facts about the schema for older releases. ``oldest_compatible_revision``: a release that
+requires this revision or a later one may use the database even when it is at a newer
+revision than that release knows (expand-only migrations: rolling deploys keep working)."""
+
+OLDEST_COMPATIBLE_KEY: Final = "oldest_compatible_revision"

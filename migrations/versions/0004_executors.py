@@ -40,8 +40,18 @@ def upgrade() -> None:
         sa.Column("stopped_at", sa.Float),
     )
     op.create_index("ix_run_checkpoints_owner", "run_checkpoints", ["owner"])
+    # Rolling deploys: which older releases may keep using this schema. A release whose
+    # required revision is at least this one accepts the database (expand-only migrations
+    # keep it low; a contracting migration raises it).
+    info = op.create_table(
+        "executus_ckpt_schema_info",
+        sa.Column("name", sa.String(64), primary_key=True),
+        sa.Column("value", sa.String(64), nullable=False),
+    )
+    op.bulk_insert(info, [{"name": "oldest_compatible_revision", "value": "0003"}])
 
 
 def downgrade() -> None:
+    op.drop_table("executus_ckpt_schema_info")
     op.drop_index("ix_run_checkpoints_owner", table_name="run_checkpoints")
     op.drop_table("executus_ckpt_executors")

@@ -78,6 +78,16 @@ async def test_migrate_refuses_a_schema_written_by_a_newer_release(
 
 async def test_store_refuses_a_schema_written_by_a_newer_release(sql_url: str) -> None:
     await _stamp(sql_url, NEWER)
+    # ... that did not declare it usable by this release (a contracting migration; see
+    # test_schema_compat.py for one that did).
+    engine = create_async_engine(sql_url)
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(
+                text("UPDATE executus_ckpt_schema_info SET value = :v"), {"v": NEWER}
+            )
+    finally:
+        await engine.dispose()
     with pytest.raises(SchemaOutOfDateError) as info:
         async with SQLCheckpointStore.open(_with_password(sql_url)):
             pass
