@@ -12,7 +12,10 @@ The shapes (README, "CLI"):
 - ``checkpoint_json``: ``run_id``, ``meta`` (every meta field but ``run_id``), then every
   other :class:`RunCheckpoint` field, with the transcript as ``message_count`` in its place
   and the last N ``messages`` at the end.
+- ``show_json``: ``checkpoint_json`` with ``owner_executor`` after ``owner``: the
+  ``executor_json`` of the owner when it is a registered executor, else null.
 - ``stats_json``: every :class:`CheckpointStats` field.
+- ``executor_json``: every :class:`ExecutorInfo` field (``executors``, one per line).
 """
 
 from __future__ import annotations
@@ -23,7 +26,13 @@ from dataclasses import fields
 from datetime import datetime
 from typing import Any
 
-from .types import CheckpointStats, CheckpointSummary, RunCheckpoint, RunCheckpointMeta
+from .types import (
+    CheckpointStats,
+    CheckpointSummary,
+    ExecutorInfo,
+    RunCheckpoint,
+    RunCheckpointMeta,
+)
 
 LISTED_META = ("agent_id", "agent_name")
 """The meta fields a listing shows (who ran it); ``show`` has them all."""
@@ -72,6 +81,24 @@ def checkpoint_json(checkpoint: RunCheckpoint, last: int | None) -> dict[str, An
             doc[f.name] = json_value(getattr(checkpoint, f.name))
     doc["messages"] = messages[-last:] if last else []  # already JSON values
     return doc
+
+
+def show_json(
+    checkpoint: RunCheckpoint, last: int | None, owner: ExecutorInfo | None
+) -> dict[str, Any]:
+    """The documented JSON shape of ``show``: :func:`checkpoint_json` with ``owner_executor``
+    (the owning executor as :func:`executor_json`, or None) right after ``owner``."""
+    doc: dict[str, Any] = {}
+    for key, value in checkpoint_json(checkpoint, last).items():
+        doc[key] = value
+        if key == "owner":
+            doc["owner_executor"] = None if owner is None else executor_json(owner)
+    return doc
+
+
+def executor_json(executor: ExecutorInfo) -> dict[str, Any]:
+    """The documented JSON shape of one executor (``executors --json``)."""
+    return {f.name: json_value(getattr(executor, f.name)) for f in fields(executor)}
 
 
 def stats_json(stats: CheckpointStats) -> dict[str, Any]:

@@ -18,17 +18,24 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Seque
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import click
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
-from ._render import checkpoint_json, stats_json, summary_json
+from ._render import executor_json, show_json, stats_json, summary_json
 from .config import DEFAULT_DATABASE_URL, ENV_DATABASE_URL
 from .errors import CheckpointError, CheckpointNotFoundError
-from .protocols import AdminStore
-from .types import CheckpointStats, CheckpointStatus, CheckpointSummary, RunCheckpoint, utcnow
+from .protocols import AdminStore, ExecutorStore
+from .types import (
+    CheckpointStats,
+    CheckpointStatus,
+    CheckpointSummary,
+    ExecutorInfo,
+    RunCheckpoint,
+    utcnow,
+)
 
 T = TypeVar("T")
 
@@ -137,8 +144,12 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
         raise click.ClickException(f"a database driver is missing: {exc}{hint}") from exc
 
 
+class OperatorStore(AdminStore, ExecutorStore, Protocol):
+    """What the CLI needs of a store: the admin calls and the executor listing."""
+
+
 @asynccontextmanager
-async def _store(settings: Settings) -> AsyncIterator[AdminStore]:
+async def _store(settings: Settings) -> AsyncIterator[OperatorStore]:
     from .stores.sql import SQLCheckpointStore
 
     async with SQLCheckpointStore.open(
@@ -157,6 +168,15 @@ def _age(ts: datetime) -> str:
         if seconds >= size:
             return f"{seconds / size:.1f}{unit}"
     return f"{seconds:.0f}s"
+
+
+def _seconds(seconds: float) -> str:
+    """A duration for a table: ``0.4s``, ``12s``, ``3.5m``, ``2.0h``, ``1.5d``."""
+    seconds = max(0.0, seconds)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}{unit}"
+    return f"{seconds:.1f}s" if seconds < 10 else f"{seconds:.0f}s"
 
 
 def _size(n: int) -> str:
@@ -322,7 +342,7 @@ def list_(
 
     async def go() -> int:
         shown = 0
-        table = None if s.json else _ListTable()
+        table = None if s.json else _Table(LIST_COLUMNS)
         async with _store(s) as store:
             async for summary in store.iter_summaries(
                 status=_STATUSES[status],
@@ -335,78 +355,114 @@ def list_(
                 if table is None:
                     _emit_json(summary_json(summary))
                 else:
-                    table.add(summary)
+                    table.add(_summary_row(summary))
         if table is not None:
-            table.flush(shown)
+            if shown:
+                table.flush()
+                click.echo(f"{shown} run(s)")
+            else:
+                click.echo("no checkpoints match")
         return shown
 
     _run(go())
 
 
-class _ListTable:
+LIST_COLUMNS = (
+    "run id",
+    "agent",
+    "iter",
+    "phases",
+    "msgs",
+    "size",
+    "age",
+    "tries",
+    "owner",
+    "status",
+)
+"""``list``'s table; ``owner`` is the id of the executor that owns the run (``-``: none)."""
+
+EXECUTOR_COLUMNS = (
+    "id",
+    "name",
+    "host",
+    "pid",
+    "app version",
+    "heartbeat age",
+    "runs owned",
+    "state",
+)
+"""``executors``' table; the heartbeat age is by the database's clock."""
+
+
+def _summary_row(s: CheckpointSummary) -> tuple[str, ...]:
+    return (
+        s.run_id,
+        s.meta.agent_id or "-",
+        str(s.iteration),
+        ",".join(s.completed_phases) or "-",
+        str(s.message_count),
+        _size(s.size_bytes),
+        _age(s.updated_at),
+        str(s.attempts),
+        s.owner or "-",
+        str(s.status),
+    )
+
+
+def _executor_state(e: ExecutorInfo) -> str:
+    """``running``, ``draining`` or ``stopped``; ``(stale)`` when its heartbeat expired."""
+    if e.alive or e.state == "stopped":
+        return e.state
+    return f"{e.state} (stale)"
+
+
+def _executor_row(e: ExecutorInfo) -> tuple[str, ...]:
+    return (
+        e.id,
+        e.name or "-",
+        e.host or "-",
+        "-" if e.pid is None else str(e.pid),
+        e.app_version or "-",
+        _seconds(e.heartbeat_age),
+        str(e.runs_owned),
+        _executor_state(e),
+    )
+
+
+class _Table:
     """Prints rows in aligned columns, in chunks so that a huge listing never sits in memory.
 
     Plain ``str.ljust`` over computed widths: a width only grows from one chunk to the next, so
     the columns stay aligned down the listing. Nothing is ever truncated (a pipe gets it all).
     """
 
-    COLUMNS = (
-        "run id",
-        "agent",
-        "iter",
-        "phases",
-        "msgs",
-        "size",
-        "age",
-        "tries",
-        "owner",
-        "status",
-    )
     CHUNK = 500
     GAP = "  "
 
-    def __init__(self) -> None:
+    def __init__(self, columns: Sequence[str]) -> None:
+        self.columns = tuple(columns)
         self.rows: list[tuple[str, ...]] = []
-        self.widths = [len(col) for col in self.COLUMNS]
+        self.widths = [len(col) for col in self.columns]
         self.header_done = False
 
-    def add(self, s: CheckpointSummary) -> None:
-        self.rows.append(
-            (
-                s.run_id,
-                s.meta.agent_id or "-",
-                str(s.iteration),
-                ",".join(s.completed_phases) or "-",
-                str(s.message_count),
-                _size(s.size_bytes),
-                _age(s.updated_at),
-                str(s.attempts),
-                s.owner or "-",
-                str(s.status),
-            )
-        )
+    def add(self, row: tuple[str, ...]) -> None:
+        self.rows.append(row)
         if len(self.rows) >= self.CHUNK:
-            self._print()
+            self.flush()
 
     def _line(self, cells: Sequence[str]) -> str:
         return self.GAP.join(c.ljust(w) for c, w in zip(cells, self.widths, strict=True)).rstrip()
 
-    def _print(self) -> None:
+    def flush(self) -> None:
+        """Print the rows added so far (the header first, once)."""
         for row in self.rows:
             self.widths = [max(w, len(c)) for w, c in zip(self.widths, row, strict=True)]
         if not self.header_done:
-            click.echo(self._line(self.COLUMNS))
+            click.echo(self._line(self.columns))
             self.header_done = True
         for row in self.rows:
             click.echo(self._line(row))
         self.rows.clear()
-
-    def flush(self, shown: int) -> None:
-        if shown == 0:
-            click.echo("no checkpoints match")
-            return
-        self._print()
-        click.echo(f"{shown} run(s)")
 
 
 @main.command()
@@ -427,18 +483,22 @@ def show(
     """Show one run: meta, bookkeeping, last error and its last messages."""
     s = _settings(ctx, sub_json)
 
-    async def go() -> RunCheckpoint:
+    async def go() -> tuple[RunCheckpoint, ExecutorInfo | None]:
         async with _store(s) as store:
             cp: RunCheckpoint | None = await store.load(run_id)
-        if cp is None:
-            raise CheckpointNotFoundError(
-                f"no checkpoint for run {run_id!r} (see `executus-ckpt list --status all`)",
-                run_id=run_id,
-            )
-        return cp
+            if cp is None:
+                raise CheckpointNotFoundError(
+                    f"no checkpoint for run {run_id!r} (see `executus-ckpt list --status all`)",
+                    run_id=run_id,
+                )
+            owner = None
+            if cp.owner is not None:
+                executors = await store.list_executors(include_stopped=True)
+                owner = next((e for e in executors if e.id == cp.owner), None)
+        return cp, owner
 
-    cp = _run(go())
-    doc = checkpoint_json(cp, last)
+    cp, owner = _run(go())
+    doc = show_json(cp, last, owner)
     if s.json:
         _emit_json(doc)
         return
@@ -452,7 +512,8 @@ def show(
         "app_version",
         "epoch",
     ):
-        click.echo(f"{key:>16}: {doc[key]}")
+        value = _owner_text(cp.owner, owner) if key == "owner" else doc[key]
+        click.echo(f"{key:>16}: {value}")
     for key, value in doc["meta"].items():
         if value is not None:
             click.echo(f"{key:>16}: {value}")
@@ -465,6 +526,22 @@ def show(
         for msg in doc["messages"]:
             text = json.dumps(msg, ensure_ascii=False)
             click.echo("  " + (text if len(text) <= 200 else text[:197] + "..."))
+
+
+def _owner_text(owner_id: str | None, owner: ExecutorInfo | None) -> str:
+    """``show``'s owner line: the id, then who that executor is and whether it is alive."""
+    if owner_id is None:
+        return "-"
+    if owner is None:
+        return f"{owner_id} (not a registered executor)"
+    where = f" on {owner.host}" if owner.host else ""
+    if owner.alive:
+        health = "alive"
+    elif owner.state == "stopped":
+        health = "not alive: stopped"
+    else:
+        health = f"not alive: {owner.state}, no heartbeat for {_seconds(owner.heartbeat_age)}"
+    return f"{owner_id} (executor {owner.name or 'unnamed'}{where}, {health})"
 
 
 RunAction = Callable[[AdminStore, str], Awaitable[bool]]
@@ -606,6 +683,46 @@ def stats(ctx: click.Context, sub_json: bool, sub_url: str | None = None) -> Non
         )
     else:
         click.echo("oldest interrupted: none")
+
+
+@main.command()
+@click.option(
+    "--all", "include_stopped", is_flag=True, help="Include stopped (deregistered) executors."
+)
+@_json_flag
+@click.pass_context
+def executors(
+    ctx: click.Context, include_stopped: bool, sub_json: bool, sub_url: str | None = None
+) -> None:
+    """Service instances (executors) on this database: heartbeat age by the database's clock,
+    runs owned, state (running, draining, stopped; "stale" once the heartbeat expired).
+
+    --json prints one JSON object per line.
+    """
+    s = _settings(ctx, sub_json)
+
+    async def go() -> list[ExecutorInfo]:
+        async with _store(s) as store:
+            return await store.list_executors(include_stopped=include_stopped)
+
+    found = _run(go())
+    if s.json:
+        for info in found:
+            _emit_json(executor_json(info))
+        return
+    if not found:
+        click.echo(
+            "no executors registered"
+            if include_stopped
+            else "no running executors (--all includes stopped ones)"
+        )
+        return
+    table = _Table(EXECUTOR_COLUMNS)
+    for info in found:
+        table.add(_executor_row(info))
+    table.flush()
+    alive = sum(1 for info in found if info.alive)
+    click.echo(f"{len(found)} executor(s), {alive} alive")
 
 
 @main.command()

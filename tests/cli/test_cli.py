@@ -34,7 +34,7 @@ from executus_ckpt import (
 )
 from executus_ckpt.cli import ENV_TIMEOUT, main
 from executus_ckpt.config import ENV_DATABASE_URL, VERSION_TABLE
-from executus_ckpt.schema import REQUIRED_REVISION
+from executus_ckpt.schema import OLDEST_COMPATIBLE_KEY, REQUIRED_REVISION, schema_info
 
 SECRET = "s3cr3tpw"
 UNREACHABLE = f"postgresql+asyncpg://u:{SECRET}@127.0.0.1:1/x"
@@ -71,6 +71,7 @@ SHOW_KEYS = {
     "message_count",
     "attempts",
     "owner",
+    "owner_executor",
     "app_version",
     "epoch",
     "last_error",
@@ -812,8 +813,10 @@ def test_unmigrated_error_names_a_command_that_works(empty_sql_url: str) -> None
     assert "no checkpoints match" in ok(invoke(["list"], url=empty_sql_url)).stdout
 
 
-def stamp(url: str, revision: str) -> None:
-    """Mark the database as migrated to ``revision`` (as another release would have)."""
+def stamp(url: str, revision: str, *, oldest_compatible: str | None = None) -> None:
+    """Mark the database as migrated to ``revision`` (as another release would have), whose
+    schema is usable by releases requiring ``oldest_compatible`` or later (default:
+    ``revision`` itself, so no older release may use it)."""
 
     async def go() -> None:
         engine = create_async_engine(url)
@@ -821,6 +824,10 @@ def stamp(url: str, revision: str) -> None:
             async with engine.begin() as conn:
                 await conn.execute(
                     text(f"UPDATE {VERSION_TABLE} SET version_num = :r"), {"r": revision}
+                )
+                await conn.execute(
+                    text(f"UPDATE {schema_info.name} SET value = :v WHERE name = :k"),
+                    {"v": oldest_compatible or revision, "k": OLDEST_COMPATIBLE_KEY},
                 )
         finally:
             await engine.dispose()
@@ -842,6 +849,14 @@ def test_schema_of_a_newer_release_names_the_upgrade(sql_url: str) -> None:
     assert "executus-ckpt migrate" not in result.stdout
     doc = json_doc(failed(invoke(["current", "--json"], url=sql_url), 1))
     assert doc == {"found": "9999", "required": REQUIRED_REVISION, "up_to_date": False}
+
+
+def test_schema_of_a_newer_compatible_release_is_used(sql_url: str) -> None:
+    """A rolling deploy: a newer release migrated, declaring its schema usable by this one."""
+    seed(sql_url, cp("run-1"))
+    stamp(sql_url, "9999", oldest_compatible=REQUIRED_REVISION)
+    assert "run-1" in ok(invoke(["list"], url=sql_url)).stdout
+    assert json_doc(ok(invoke(["stats", "--json"], url=sql_url)))["total"] == 1
 
 
 @pytest.mark.parametrize("revision", ["nonsense", "heads", ""])
@@ -1123,6 +1138,7 @@ def test_help_lists_every_command() -> None:
         "requeue",
         "purge",
         "stats",
+        "executors",
         "demo",
     ):
         assert command in out

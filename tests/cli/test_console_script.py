@@ -100,7 +100,18 @@ def test_python_m_matches_console_script(tmp_path: Path) -> None:
     assert script.returncode == 0, _describe(script)
     assert module.returncode == 0, _describe(module)
     commands = _commands(script.stdout)
-    expected = ["current", "delete", "demo", "list", "migrate", "purge", "requeue", "show", "stats"]
+    expected = [
+        "current",
+        "delete",
+        "demo",
+        "executors",
+        "list",
+        "migrate",
+        "purge",
+        "requeue",
+        "show",
+        "stats",
+    ]
     assert commands == expected
     assert _commands(module.stdout) == commands
     assert module.stdout == script.stdout  # same program, same prog name in the usage line
