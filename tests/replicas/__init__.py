@@ -207,7 +207,13 @@ def assert_each_finished_once(fleet: Fleet, runs: Iterable[str]) -> None:
     twice = {r: n for r, n in counts.items() if n > 1}
     missing = expected - set(counts)
     extra = set(counts) - expected
-    assert not twice, f"finished more than once: {twice}"
+    if twice:
+        story = "\n".join(
+            f"  {e['t']:.3f} {e['name']} {e['ev']} {e.get('epoch', '')} {e.get('where', '')}"
+            for e in fleet.events
+            if e.get("run") in twice and e.get("ev") != "saved"
+        )
+        raise AssertionError(f"finished more than once: {twice}\n{story}")
     assert not missing, f"never finished: {sorted(missing)[:20]} ({len(missing)})\n{fleet.dump()}"
     assert not extra, f"unexpected runs finished: {sorted(extra)[:20]}"
 
