@@ -736,8 +736,12 @@ def executors(
 )
 @click.pass_context
 def demo(ctx: click.Context, db: str, runs: int, latency: float, crash_only: bool) -> None:
-    """Crash a simulated agent service with SIGKILL mid-run, then recover its runs."""
+    """Crash a simulated agent service with SIGKILL mid-run, then recover its runs; then
+    three replicas share runs: one is SIGKILLed, one drained, the third resumes both sets."""
     from . import demo as demo_module
 
     summary = _run(demo_module.run_demo(db, runs=runs, latency=latency, crash_only=crash_only))
-    ctx.exit(0 if summary.ok or (crash_only and summary.killed > 0) else 1)
+    if crash_only:
+        ctx.exit(0 if summary.killed > 0 else 1)
+    replicas = _run(demo_module.run_replicas_demo(demo_module.replicas_db_for(db)))
+    ctx.exit(0 if summary.ok and replicas.ok else 1)
