@@ -21,7 +21,9 @@ even under a simulated skew), "pid", "name", "ex", "run", ...}``. Events: ``read
 ``started`` (a live run began), ``dispatched`` (the recovery loop handed a run over: claimed
 epoch, attempts, stored iteration), ``begun`` (its checkpointer's epoch), ``saved`` (a save
 returned: iteration, epoch), ``fenced`` (a save raised :class:`CheckpointFencedError`, or a
-``complete`` was refused: the run stops, it is not ``finished``), ``finished`` (the run ended
+``complete`` was refused: the run stops, it is not ``finished``), ``save_error`` (with
+``--tolerate-outage``: a save failed with :class:`StoreUnavailableError`, the run goes on),
+``finished`` (the run ended
 and its ``complete()`` deleted the row), ``interrupted`` (cancelled by a drain),
 ``not_durable`` (``begin`` failed), ``failed`` (an unexpected error), ``lib`` (selected
 library log records: rescues, lost claims, dead runs, heartbeat failures...), ``draining``,
@@ -149,6 +151,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--dispatch-limit", type=int, default=0)
     p.add_argument("--quiet-saves", action="store_true")
+    p.add_argument("--tolerate-outage", action="store_true")
     return p.parse_args(argv)
 
 
@@ -159,7 +162,7 @@ async def run_body(
     resume: Any | None,
 ) -> bool:
     """The run loop: phases of iterations, one save per iteration. False if fenced."""
-    from executus_ckpt import CheckpointFencedError, RunCheckpointState
+    from executus_ckpt import CheckpointFencedError, RunCheckpointState, StoreUnavailableError
 
     skipper = resume.skipper() if resume is not None else None
     messages: list[Any] = list(resume.messages) if resume is not None else []
@@ -184,6 +187,11 @@ async def run_body(
             except CheckpointFencedError as exc:
                 emit("fenced", run=run_id, where="save", it=iteration, epoch=cp.epoch, e=str(exc))
                 return False
+            except StoreUnavailableError as exc:
+                if not args.tolerate_outage:
+                    raise
+                emit("save_error", run=run_id, it=iteration, e=str(exc)[:200])
+                continue
             if not args.quiet_saves:
                 emit("saved", run=run_id, it=iteration, epoch=getattr(cp, "epoch", None))
         completed.append(phase)
