@@ -114,6 +114,9 @@ class Fleet:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.stop_all()
+        # every event, for a post-mortem (kept in the test's tmp_path)
+        lines = "".join(json.dumps(e) + "\n" for e in self.events)
+        (self.workdir / "events.jsonl").write_text(lines)
 
     async def spawn(self, name: str, *, env: dict[str, str] | None = None, **opts: Any) -> Replica:
         """Start ``replica_child`` with the fleet's defaults overridden by ``opts``

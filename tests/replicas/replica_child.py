@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import contextvars
 import dataclasses
 import json
 import logging
@@ -76,7 +77,13 @@ _LIB_ACTIONS = frozenset(
 class _State:
     name = ""
     ex = ""
-    finalize_fenced: set[str] = set()  # noqa: RUF012 - one process, one state
+
+
+_ATTEMPT: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
+    "attempt", default=None
+)
+"""The run attempt (one ``one_run`` call) whose task is logging: its finalize task inherits
+it, so a refused ``complete`` is pinned on this attempt, not on another copy of the run."""
 
 
 def emit(ev: str, **fields: Any) -> None:
@@ -96,8 +103,9 @@ class _Forward(logging.Handler):
         if action not in _LIB_ACTIONS:
             return
         run_id = getattr(record, "run_id", None)
-        if action == "finalize_fenced" and run_id is not None:
-            _State.finalize_fenced.add(run_id)
+        attempt = _ATTEMPT.get()
+        if action == "finalize_fenced" and attempt is not None and attempt["run"] == run_id:
+            attempt["fenced"] = True
         try:
             message = record.getMessage()
         except Exception:
@@ -210,6 +218,8 @@ async def one_run(
         info = checkpoint.run_info()
         resume = checkpoint.resume_state()
     ok = True
+    attempt: dict[str, Any] = {"run": run_id, "fenced": False}
+    _ATTEMPT.set(attempt)
     try:
         async with checkpointed_run(ex.factory(), info) as cp:
             if isinstance(cp, NoopCheckpointer):
@@ -229,7 +239,7 @@ async def one_run(
         raise
     if not ok:
         return  # fenced: complete() was a no-op (the run is another owner's)
-    if run_id in _State.finalize_fenced:
+    if attempt["fenced"]:
         emit("fenced", run=run_id, where="complete")
         return
     emit("finished", run=run_id, by="live" if checkpoint is None else "recovered")
