@@ -604,6 +604,12 @@ class StoreCheckpointerFactory:
     def store(self) -> CheckpointStore | None:
         return self._store
 
+    async def _register(self, initial: RunCheckpoint) -> int:
+        """Write the initial row (or take it over); an executor's factory makes the take-over
+        of a run it claimed conditional on the claim."""
+        assert self._store is not None
+        return await self._store.register(initial)
+
     async def begin(self, info: RunInfo) -> Checkpointer:
         """Start checkpointing a run.
 
@@ -616,7 +622,7 @@ class StoreCheckpointerFactory:
         meta = RunCheckpointMeta.from_run_info(info, _storable_inputs(info))
         epoch: int | None = None
         if self._write_initial:
-            epoch = await self._store.register(
+            epoch = await self._register(
                 RunCheckpoint(meta=meta, app_version=self._app_version, owner=self._executor_id)
             )
             logger.info(

@@ -98,10 +98,18 @@ class _Heartbeat:
             await asyncio.to_thread(self._thread.join)
 
     def healthy_for(self) -> float:
-        """Seconds the heartbeats have been succeeding without a failure (0 if failing)."""
-        if self.healthy_since is None:
+        """Seconds the heartbeats have been succeeding on time (0 if failing or late).
+
+        A beat that is late (the process stalled, or the database answered slowly) counts like
+        a failure: peers' heartbeats may have been late for the same reason, so their
+        expiry says nothing until ours have been on time for ``stale_after`` again.
+        """
+        now = time.monotonic()
+        if self.healthy_since is None or self.last_ok is None:
             return 0.0
-        return time.monotonic() - self.healthy_since
+        if now - self.last_ok > 2 * self._interval:
+            return 0.0
+        return now - self.healthy_since
 
     def age(self) -> float | None:
         return None if self.last_ok is None else time.monotonic() - self.last_ok
@@ -156,9 +164,11 @@ class _Heartbeat:
                         )
                     self.lost = True
                 else:
-                    self.last_ok = time.monotonic()
-                    if self.healthy_since is None:
-                        self.healthy_since = self.last_ok
+                    now = time.monotonic()
+                    late = self.last_ok is not None and now - self.last_ok > 2 * self._interval
+                    if self.healthy_since is None or late:
+                        self.healthy_since = now
+                    self.last_ok = now
                     self.skew = time.time() - db_now
             delay = self._interval - (time.monotonic() - started)
             with contextlib.suppress(TimeoutError):
@@ -173,10 +183,19 @@ class _ExecutorFactory(StoreCheckpointerFactory):
     def __init__(self, executor: Executor, **options: Any) -> None:
         super().__init__(executor.store, **options)
         self._executor = executor
+        self._claimed: int | None = None
+
+    async def _register(self, initial: RunCheckpoint) -> int:
+        # A run this executor claimed is taken over only if still at the claimed epoch: if it
+        # finished or was rescued meanwhile, begin() raises CheckpointFencedError instead of
+        # recreating a finished run.
+        claimed, self._claimed = self._claimed, None
+        return await self._executor.store.register(initial, expect_epoch=claimed)
 
     async def begin(self, info: RunInfo) -> Checkpointer:
         if self._executor.state != "running":
             raise ShutdownError(f"executor {self._executor.id} is {self._executor.state}")
+        self._claimed = self._executor._claimed.pop(info.run_id, None)
         checkpointer = await super().begin(info)
         task = asyncio.current_task()
         if task is not None:
@@ -237,6 +256,7 @@ class Executor:
         self._heartbeat: _Heartbeat | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._begun: dict[str, asyncio.Task[Any]] = {}
+        self._claimed: dict[str, int] = {}  # run id -> epoch of this executor's claim
         self._recovered: set[asyncio.Task[None]] = set()
         self._drain_task: asyncio.Task[None] | None = None
         self._claims = 0
@@ -427,6 +447,7 @@ class Executor:
                     owner=self.id,
                     stale_owners=trusted,
                     on_claim=self._count_claim,
+                    exclude_owner=self.id,
                 )
             except CheckpointError as exc:
                 logger.warning(
@@ -446,6 +467,7 @@ class Executor:
         runs, and is awaited."""
 
         async def launch(checkpoint: RunCheckpoint) -> None:
+            self._claimed[checkpoint.run_id] = checkpoint.epoch
             if checkpoint.attempts >= 2:
                 others = {t for t in self._recovered if not t.done()}
                 if others:

@@ -83,8 +83,12 @@ class CheckpointStore(Protocol):
         """
         ...
 
-    async def register(self, checkpoint: RunCheckpoint) -> int:
+    async def register(self, checkpoint: RunCheckpoint, *, expect_epoch: int | None = None) -> int:
         """Insert the run's initial row, or take over the existing one; returns the new epoch.
+
+        With ``expect_epoch`` (the epoch of a claim this writer made) nothing is inserted and
+        the take-over happens only if the run is still at that epoch; otherwise
+        :class:`CheckpointFencedError` (it finished or was taken over since).
 
         The initial row has no messages (``checkpoint.messages`` is ignored).
 

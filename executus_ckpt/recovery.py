@@ -10,7 +10,7 @@ from types import MappingProxyType
 
 from .config import DEFAULT_MAX_ATTEMPTS, DEFAULT_RECOVERY_CONCURRENCY
 from .protocols import CheckpointStore
-from .types import CheckpointStatus, CheckpointSummary, RunCheckpoint, utcnow
+from .types import CheckpointStatus, CheckpointSummary, RunCheckpoint
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +59,7 @@ async def recover_interrupted(
     limit: int | None = None,
     stale_owners: bool = True,
     on_claim: Callable[[CheckpointSummary, RunCheckpoint], None] | None = None,
+    exclude_owner: str | None = None,
 ) -> RecoveryReport:
     """Re-dispatch the interrupted runs, oldest first; call once at service start.
 
@@ -93,6 +94,8 @@ async def recover_interrupted(
         accept: predicate over the claimed checkpoint; False quarantines the run.
         owner: this executor's id, recorded on each claimed run.
         agent_id, older_than, limit: restrict the pass (as for ``list_interrupted``).
+        exclude_owner: leave runs of this owner alone (an :class:`Executor` passes its own id:
+            after a stall it must not rescue the runs it is still running).
         on_claim: called with the listed summary and the claimed checkpoint of each claim
             (an :class:`Executor` counts rescues with it).
         stale_owners: take runs of executors whose heartbeat expired (an :class:`Executor`
@@ -109,7 +112,10 @@ async def recover_interrupted(
     """
     if max_attempts < 1 or concurrency < 1:
         raise ValueError("max_attempts and concurrency must be >= 1")
-    started = utcnow()
+    # Runs this pass has seen: a run re-listed later in the scan (its updated_at moved when
+    # it was claimed or re-registered) is not taken twice. (Not a time bound: updated_at is
+    # written by many hosts' clocks, and a skewed one would hide runs.)
+    seen: set[str] = set()
     dispatched: list[str] = []
     dead: list[str] = []
     quarantined: list[str] = []
@@ -196,16 +202,23 @@ async def recover_interrupted(
     # dispatched (each was charged an attempt); they finish, then the typed error is raised.
     tasks: set[asyncio.Task[None]] = set()
     suspects: list[CheckpointSummary] = []
+    listing = store.iter_summaries(
+        status=CheckpointStatus.ACTIVE,
+        agent_id=agent_id,
+        older_than=older_than,
+        limit=limit,
+        interrupted=True,
+        stale_owners=stale_owners,
+    )
     try:
-        async for summary in store.iter_summaries(
-            status=CheckpointStatus.ACTIVE,
-            agent_id=agent_id,
-            older_than=older_than,
-            updated_before=started,
-            limit=limit,
-            interrupted=True,
-            stale_owners=stale_owners,
-        ):
+        async for summary in listing:
+            if summary.run_id in seen:
+                # The scan is in updated_at order: from here on it lists runs touched since
+                # the pass began (claimed, re-registered). They are the next pass's.
+                break
+            seen.add(summary.run_id)
+            if exclude_owner is not None and summary.owner == exclude_owner:
+                continue  # an executor's own run: a process that stalled must not rescue itself
             if summary.suspect:
                 suspects.append(summary)  # dispatched alone, after the others
                 continue
@@ -216,11 +229,14 @@ async def recover_interrupted(
             tasks.add(task)
             task.add_done_callback(tasks.discard)
     except asyncio.CancelledError:
+        await _close(listing)
         await _cancel_all(tasks)
         raise
     except BaseException:
+        await _close(listing)
         await _join(tasks)
         raise
+    await _close(listing)
     await _join(tasks)
     # Runs claimed before that reached no new phase since may be what crashed the process:
     # each is claimed and dispatched alone, so that if it kills the process again, it takes
@@ -246,6 +262,13 @@ async def recover_interrupted(
         extra={"action": "recovery_pass"},
     )
     return report
+
+
+async def _close(listing: object) -> None:
+    """Close the listing (it may have been left mid-way), releasing what it holds."""
+    aclose = getattr(listing, "aclose", None)
+    if aclose is not None:
+        await aclose()
 
 
 async def _cancel_all(tasks: set[asyncio.Task[None]]) -> None:

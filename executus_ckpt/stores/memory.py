@@ -132,9 +132,15 @@ class InMemoryCheckpointStore:
             row.values.update({name: values[name] for name in _rows.SAVED})
         row.messages = encoded
 
-    async def register(self, checkpoint: RunCheckpoint) -> int:
+    async def register(self, checkpoint: RunCheckpoint, *, expect_epoch: int | None = None) -> int:
         phases = check_header(checkpoint)
         row = self._rows.get(checkpoint.meta.run_id)
+        if expect_epoch is not None and (row is None or row["epoch"] != expect_epoch):
+            raise CheckpointFencedError(
+                f"run {checkpoint.meta.run_id!r} is no longer at epoch {expect_epoch}",
+                run_id=checkpoint.meta.run_id,
+                epoch=expect_epoch,
+            )
         if row is None:
             self._rows[checkpoint.meta.run_id] = _Row.initial(checkpoint, phases)
             return checkpoint.epoch

@@ -386,29 +386,44 @@ class SQLCheckpointStore:
             extra={"action": "save_checkpoint", "run_id": run_id, "appended": appended},
         )
 
-    async def register(self, checkpoint: RunCheckpoint) -> int:
+    async def register(self, checkpoint: RunCheckpoint, *, expect_epoch: int | None = None) -> int:
         """Insert the initial row or take over an existing one; returns the run's epoch.
 
         The initial row has no messages (``checkpoint.messages`` is ignored): the first
-        ``save`` writes them.
+        ``save`` writes them. With ``expect_epoch`` (a run this writer claimed) nothing is
+        inserted: the take-over happens only if the run is still at that epoch, else
+        :class:`CheckpointFencedError` (it finished, or another replica took it).
         """
         phases = check_header(checkpoint)
         meta = checkpoint.meta
         values = _rows.values_of(checkpoint, completed_phases=phases)
         values.update(message_count=0, size_bytes=0)
         values.update(_rows.new_boundary(values))
-        stmt = self._insert(header).values(**values)
-        stmt = stmt.on_conflict_do_update(
-            index_elements=[header.c.run_id],
-            set_={
-                **{name: stmt.excluded[name] for name in _rows.TAKEN_OVER},
-                "updated_at": utcnow(),
-                "epoch": header.c.epoch + 1,
-            },
-        ).returning(header.c.epoch)
+        taken_over: dict[str, Any] = {"updated_at": utcnow(), "epoch": header.c.epoch + 1}
+        if expect_epoch is None:
+            upsert = self._insert(header).values(**values)
+            stmt = upsert.on_conflict_do_update(
+                index_elements=[header.c.run_id],
+                set_={**{name: upsert.excluded[name] for name in _rows.TAKEN_OVER}, **taken_over},
+            ).returning(header.c.epoch)
+        else:
+            stmt = (
+                header.update()
+                .where(header.c.run_id == meta.run_id, header.c.epoch == expect_epoch)
+                .values(**{name: values[name] for name in _rows.TAKEN_OVER}, **taken_over)
+                .returning(header.c.epoch)
+            )
 
         async def op(conn: AsyncConnection) -> int:
-            return int((await conn.execute(stmt)).scalar_one())
+            epoch = (await conn.execute(stmt)).scalar()
+            if epoch is None:
+                raise CheckpointFencedError(
+                    f"run {meta.run_id!r} is no longer at epoch {expect_epoch}: it finished or "
+                    "was taken over since it was claimed",
+                    run_id=meta.run_id,
+                    epoch=expect_epoch,
+                )
+            return int(epoch)
 
         epoch = await self._write("registering", meta.run_id, op)
         logger.debug(
