@@ -34,7 +34,7 @@ from .config import (
     DEFAULT_THROTTLE,
     MAX_CLOCK_SKEW,
 )
-from .errors import CheckpointError, ShutdownError
+from .errors import CheckpointError, CheckpointFencedError, ShutdownError
 from .protocols import Checkpointer, Clock, ExecutorStore
 from .recovery import Accept, Dispatch, recover_interrupted
 from .types import CheckpointSummary, ExecutorStats, RunCheckpoint, RunInfo
@@ -488,6 +488,12 @@ class Executor:
             await dispatch(checkpoint)
         except asyncio.CancelledError:
             raise
+        except CheckpointFencedError:
+            logger.info(
+                "recovered run %s finished or was taken elsewhere before it began here",
+                checkpoint.run_id,
+                extra={"action": "claim_superseded", "run_id": checkpoint.run_id},
+            )
         except Exception as exc:
             logger.warning(
                 "recovered run %s failed in dispatch (%s: %s)",

@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 
 from .checkpointer import NoopCheckpointer
 from .config import DEFAULT_SHUTDOWN_FLUSH_TIMEOUT
-from .errors import ShutdownError
+from .errors import CheckpointFencedError, ShutdownError
 from .protocols import Checkpointer, CheckpointerFactory
 from .types import RunInfo
 
@@ -79,11 +79,17 @@ async def checkpointed_run(
     (cancellation included).
 
     A ``begin`` that fails is logged at WARNING and the run goes on with a no-op checkpointer
-    (not durable). Errors from ``complete``/``fail``/``flush`` are logged, never raised over
+    (not durable), except a :class:`CheckpointFencedError` (a recovered run that finished or
+    was taken by another replica since it was claimed), which propagates: the block does
+    not run. Errors from ``complete``/``fail``/``flush`` are logged, never raised over
     the run's own result or exception.
     """
     try:
         checkpointer: Checkpointer = await factory.begin(info)
+    except CheckpointFencedError:
+        # The run is not ours to run (it finished, or another replica took it since it was
+        # claimed): running it non-durable would run it twice.
+        raise
     except Exception as exc:
         logger.warning(
             "run %s is not durable: checkpointing could not begin (%s: %s)",
