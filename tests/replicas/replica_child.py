@@ -210,7 +210,12 @@ async def one_run(
     args: argparse.Namespace, ex: Any, run_id: str, checkpoint: Any | None = None
 ) -> None:
     """A live run (``checkpoint`` None) or a recovered one, start to end."""
-    from executus_ckpt import NoopCheckpointer, RunInfo, checkpointed_run
+    from executus_ckpt import (
+        CheckpointFencedError,
+        NoopCheckpointer,
+        RunInfo,
+        checkpointed_run,
+    )
 
     info = RunInfo(run_id=run_id, inputs={"prompt": f"do {run_id}"})
     resume = None
@@ -234,6 +239,11 @@ async def one_run(
     except asyncio.CancelledError:
         emit("interrupted", run=run_id)
         raise
+    except CheckpointFencedError as exc:
+        # begin() refused a claim that was superseded (the run finished, or another replica
+        # took it, since this one claimed it): the block did not run. Not a failure.
+        emit("fenced", run=run_id, where="begin", e=str(exc))
+        return
     except Exception as exc:
         emit("failed", run=run_id, error=f"{type(exc).__name__}: {exc}")
         raise
