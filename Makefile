@@ -2,7 +2,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-SOURCES := executus_ckpt tests migrations $(wildcard bench)
+SOURCES := executus_ckpt tests migrations $(wildcard bench) $(wildcard examples)
+# every extra: the integrations and OpenTelemetry are tested by `make test`
+EXTRAS := postgres,pydantic-ai,openai-agents,otel
 
 .PHONY: install db lint type test bench demo migrate check clean
 
@@ -11,7 +13,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e . --group dev
+	$(BIN)/pip install -q -e '.[$(EXTRAS)]' --group dev
 	@touch $@
 
 db: ## start the machine's PostgreSQL if it is installed but stopped

@@ -8,6 +8,7 @@ from .checkpointer import (
     StoreCheckpointerFactory,
     new_checkpointer,
 )
+from .codec import MessageCodec
 from .errors import (
     CheckpointError,
     CheckpointFencedError,
@@ -59,6 +60,7 @@ __all__ = [
     "ExecutorStats",
     "InMemoryCheckpointStore",
     "JSONValue",
+    "MessageCodec",
     "NoopCheckpointer",
     "Outcome",
     "PhaseSkipper",

@@ -10,7 +10,9 @@ previous encoding. Values that Python calls equal but JSON does not (``1``/``1.0
 every save (cost: one encoding of the whole transcript per save) for hosts that edit older
 messages in place.
 
-The encodings made here are kept for the store (each message is serialized once).
+The encodings made here are kept for the store (each message is serialized once). With a
+:class:`~executus_ckpt.codec.MessageCodec`, the host's objects are tracked by identity the same
+way and only those re-checked are dumped; the snapshot holds their JSON values.
 """
 
 from __future__ import annotations
@@ -18,8 +20,11 @@ from __future__ import annotations
 import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from . import codec
+from .codec import MessageCodec
+from .errors import CheckpointSerializationError
 from .types import JSONValue
 
 RECHECKED = 2
@@ -50,33 +55,55 @@ class Delta:
 class Transcript:
     """Digests of the previous snapshot, and what the store holds, for one run."""
 
-    __slots__ = ("_changes", "_digests", "_ids", "_run_id", "_seen", "_stored", "_verify")
+    __slots__ = (
+        "_changes",
+        "_codec",
+        "_digests",
+        "_dumped",
+        "_ids",
+        "_run_id",
+        "_seen",
+        "_stored",
+        "_verify",
+    )
 
-    def __init__(self, run_id: str, *, verify: bool = False) -> None:
+    def __init__(
+        self, run_id: str, *, verify: bool = False, message_codec: MessageCodec[Any] | None = None
+    ) -> None:
         self._run_id = run_id
         self._verify = verify
+        self._codec = message_codec
         self._ids = 0
-        # The previous snapshot's messages and the hash of each one's encoding.
-        self._seen: tuple[JSONValue, ...] = ()
+        # The previous snapshot's messages and the hash of each one's encoding; with a codec,
+        # ``_dumped`` holds their JSON values (what the store is given).
+        self._seen: tuple[Any, ...] = ()
+        self._dumped: tuple[JSONValue, ...] = ()
         self._digests: list[int] = []
         # The transcript as last written: (snapshot id, length); None until known.
         self._stored: tuple[int, int] | None = None
         # (snapshot id, changed_from) of the snapshots taken since that write.
         self._changes: list[tuple[int, int]] = []
 
-    def snapshot(self, messages: Sequence[JSONValue]) -> TranscriptSnapshot:
+    def snapshot(self, messages: Sequence[Any]) -> TranscriptSnapshot:
         """Validate and encode what may have changed since the previous snapshot.
 
         Raises:
-            CheckpointSerializationError: a message is not JSON-compatible (the previous
-                snapshot stands).
+            CheckpointSerializationError: a message is not JSON-compatible, or the codec
+                failed on it (the previous snapshot stands).
         """
         copied = tuple(messages)
         seen, digests = self._seen, self._digests
         shared = min(len(seen), len(copied))
         same = _first_replaced(seen, copied, shared)
         start = 0 if self._verify else min(same, max(0, len(seen) - RECHECKED))
-        encoded = [codec.encode(m, run_id=self._run_id) for m in copied[start:]]
+        if self._codec is None:
+            values: tuple[Any, ...] = copied
+            fresh: Sequence[Any] = copied[start:]
+        else:
+            dump = self._codec.dump_one
+            fresh = [dump(m, start + i, self._run_id) for i, m in enumerate(copied[start:])]
+            values = self._dumped[:start] + tuple(fresh)
+        encoded = self._encode(fresh, start)
         hashes = [hash(e) for e in encoded]
         changed = shared if len(copied) >= len(seen) else len(copied)
         for i in range(start, shared):
@@ -84,10 +111,26 @@ class Transcript:
                 changed = i
                 break
         self._seen = copied
+        self._dumped = values if self._codec is not None else ()
         self._digests = digests[:start] + hashes
         self._ids += 1
         self._changes.append((self._ids, changed))
-        return TranscriptSnapshot(self._ids, copied, changed, tuple(encoded[changed - start :]))
+        return TranscriptSnapshot(self._ids, values, changed, tuple(encoded[changed - start :]))
+
+    def _encode(self, messages: Sequence[object], start: int) -> list[bytes]:
+        encode, run_id = codec.encode, self._run_id
+        try:
+            return [encode(m, run_id=run_id) for m in messages]
+        except CheckpointSerializationError:
+            # Name the message: find the first one that fails (rare path, so a second pass).
+            for i, m in enumerate(messages):
+                try:
+                    encode(m, run_id=run_id)
+                except CheckpointSerializationError as exc:
+                    raise CheckpointSerializationError(
+                        f"message {start + i}: {exc}", run_id=run_id
+                    ) from exc
+            raise
 
     def mark_empty(self) -> None:
         """The run's row was just registered: assume it holds no transcript (an append at 0;
@@ -111,9 +154,7 @@ class Transcript:
         return Delta(stored=stored, changed_from=min(changed, stored))
 
 
-def _first_replaced(
-    seen: tuple[JSONValue, ...], messages: tuple[JSONValue, ...], shared: int
-) -> int:
+def _first_replaced(seen: tuple[Any, ...], messages: tuple[Any, ...], shared: int) -> int:
     """Index of the first message among the first ``shared`` that is not the object at the
     same index of ``seen`` (``shared`` if there is none)."""
     if all(map(operator.is_, seen[:shared], messages[:shared])):

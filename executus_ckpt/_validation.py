@@ -178,3 +178,10 @@ def clean_text(text: str) -> str:
     except UnicodeEncodeError:
         text = text.encode("utf-8", "backslashreplace").decode("utf-8")
     return text
+
+
+def check_tail_limit(limit: object, run_id: str | None) -> int:
+    """A tail read's ``limit``: a non-negative ``int`` (not a bool)."""
+    if type(limit) is not int or limit < 0:
+        raise CheckpointError(f"limit must be a non-negative int, got {limit!r}", run_id=run_id)
+    return limit

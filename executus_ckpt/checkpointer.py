@@ -9,15 +9,18 @@ import math
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from . import codec
 from ._transcript import Transcript, TranscriptSnapshot
 from ._validation import check_identity, check_json_mapping, check_messages, check_progress
+from .codec import MessageCodec
 from .config import DEFAULT_THROTTLE
 from .errors import CheckpointError, CheckpointFencedError
 from .protocols import AppendingStore, Checkpointer, CheckpointStore, Clock
 from .types import (
     JSONValue,
+    ResumeState,
     RunCheckpoint,
     RunCheckpointMeta,
     RunCheckpointState,
@@ -140,7 +143,9 @@ class StoreCheckpointer:
 
     ``verify=True`` re-checks every message at every save for hosts that edit older messages
     in place (see ``_transcript``); by default the last messages of the previous save and
-    every replaced message object are checked.
+    every replaced message object are checked. With a ``message_codec``, ``save`` takes the
+    host's message objects and dumps each new or re-checked one once (see
+    :class:`~executus_ckpt.codec.MessageCodec`).
     """
 
     def __init__(
@@ -157,6 +162,7 @@ class StoreCheckpointer:
         keep_failed: bool = False,
         verify: bool = False,
         on_fenced: Callable[[str], None] | None = None,
+        message_codec: MessageCodec[Any] | None = None,
     ) -> None:
         self._store = store
         self._keep_failed = keep_failed
@@ -176,7 +182,7 @@ class StoreCheckpointer:
         self._seq = 0
         self._latest: _Snapshot | None = None
         self._written_seq = 0
-        self._transcript = Transcript(meta.run_id, verify=verify)
+        self._transcript = Transcript(meta.run_id, verify=verify, message_codec=message_codec)
         if epoch is not None:
             # The row was registered (begin): a fresh run holds no transcript yet.
             self._transcript.mark_empty()
@@ -299,7 +305,7 @@ class StoreCheckpointer:
         check_progress(run_id, state.iteration, state.completed_phases)
         messages = check_messages(run_id, state.messages)
         check_json_mapping("extra", state.extra, run_id)
-        transcript = self._transcript.snapshot(messages)  # type: ignore[arg-type]
+        transcript = self._transcript.snapshot(messages)
         self._seq += 1
         return _Snapshot(
             self._seq, transcript, state.iteration, tuple(state.completed_phases), state.extra
@@ -514,6 +520,7 @@ def new_checkpointer(
     owner: str | None = None,
     keep_failed: bool = False,
     verify: bool = False,
+    message_codec: MessageCodec[Any] | None = None,
 ) -> Checkpointer:
     """A per-run checkpointer over ``store``; ``store=None`` gives a :class:`NoopCheckpointer`.
 
@@ -535,6 +542,8 @@ def new_checkpointer(
             deleting it (never resumed; the CLI lists, requeues and purges it).
         verify: re-check every message at every save (for hosts that edit older messages in
             place; one encoding of the whole transcript per save).
+        message_codec: lets ``save`` take a framework's message objects (see
+            :class:`~executus_ckpt.codec.MessageCodec`).
     """
     if store is None:
         return NoopCheckpointer()
@@ -549,6 +558,7 @@ def new_checkpointer(
         owner=owner,
         keep_failed=keep_failed,
         verify=verify,
+        message_codec=message_codec,
     )
 
 
@@ -570,6 +580,8 @@ class StoreCheckpointerFactory:
         keep_failed: ``fail()`` keeps a run's checkpoint as ``failed`` with the error (see
             :func:`new_checkpointer`).
         verify: re-check every message at every save (see :func:`new_checkpointer`).
+        message_codec: lets ``save`` take a framework's message objects and
+            :meth:`resume_state` give them back (see :class:`~executus_ckpt.codec.MessageCodec`).
 
     ``begin`` stores the JSON-compatible entries of ``info.inputs`` (given back by
     ``checkpoint.run_info()``); other entries are left out with one WARNING naming their keys.
@@ -588,10 +600,12 @@ class StoreCheckpointerFactory:
         keep_failed: bool = False,
         verify: bool = False,
         on_fenced: Callable[[str], None] | None = None,
+        message_codec: MessageCodec[Any] | None = None,
     ) -> None:
         self._store = store
         self._keep_failed = keep_failed
         self._verify = verify
+        self._message_codec = message_codec
         self._on_fenced = on_fenced
         self._throttle = throttle
         self._executor_id = executor_id
@@ -603,6 +617,19 @@ class StoreCheckpointerFactory:
     @property
     def store(self) -> CheckpointStore | None:
         return self._store
+
+    @property
+    def message_codec(self) -> MessageCodec[Any] | None:
+        """The codec ``save`` and :meth:`resume_state` use, if any."""
+        return self._message_codec
+
+    def resume_state(self, checkpoint: RunCheckpoint) -> ResumeState:
+        """``checkpoint.resume_state()`` with messages loaded by this factory's codec.
+
+        Raises:
+            CheckpointSerializationError: the codec could not load a stored message.
+        """
+        return checkpoint.resume_state(codec=self._message_codec)
 
     async def _register(self, initial: RunCheckpoint) -> int:
         """Write the initial row (or take it over); an executor's factory makes the take-over
@@ -643,6 +670,7 @@ class StoreCheckpointerFactory:
             keep_failed=self._keep_failed,
             verify=self._verify,
             on_fenced=self._on_fenced,
+            message_codec=self._message_codec,
         )
 
 

@@ -16,13 +16,85 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Sequence
-from typing import cast
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar, cast
 
 import orjson
 
 from .errors import CheckpointSerializationError
 from .types import JSONValue
+
+M = TypeVar("M")
+
+
+@dataclass(frozen=True, slots=True)
+class MessageCodec(Generic[M]):
+    """How a host's own message objects (a framework's types) are stored and given back.
+
+    Set on a factory (``StoreCheckpointerFactory(store, message_codec=...)``), it lets ``save``
+    take the framework's messages: each new or replaced message is dumped once to a
+    JSON-compatible value (the unchanged prefix of a transcript is recognised by identity, as
+    for plain messages), and :meth:`StoreCheckpointerFactory.resume_state` loads them back.
+
+    Args:
+        dump: one message to a JSON-compatible value (``dict``/``list``/``str``/numbers/...).
+        load: the stored JSON value back to a message.
+        load_many: optional; loads a whole transcript at once (e.g. a pydantic ``TypeAdapter``
+            over a list), used instead of ``load`` per message when given.
+
+    Any exception from ``dump``/``load`` (or a dump that is not JSON-compatible) becomes a
+    :class:`CheckpointSerializationError` naming the run, the message index and its type;
+    a failed save writes nothing.
+    """
+
+    dump: Callable[[M], Any]
+    load: Callable[[Any], M]
+    load_many: Callable[[list[Any]], list[M]] | None = None
+
+    def dump_one(self, message: M, index: int, run_id: str | None) -> object:
+        """``dump(message)``, with its errors typed."""
+        try:
+            return self.dump(message)
+        except Exception as exc:
+            raise CheckpointSerializationError(
+                f"message {index} of run {run_id!r} ({_type_name(message)}) could not be "
+                f"dumped by the message codec: {exc}",
+                run_id=run_id,
+            ) from exc
+
+    def load_all(self, values: Sequence[Any], run_id: str | None = None) -> list[M]:
+        """Load a stored transcript (or part of it), with errors typed."""
+        values = list(values)
+        if self.load_many is not None:
+            try:
+                return list(self.load_many(values))
+            except Exception as exc:
+                raise CheckpointSerializationError(
+                    f"transcript of run {run_id!r} could not be loaded by the message codec: {exc}",
+                    run_id=run_id,
+                ) from exc
+        loaded: list[M] = []
+        for index, value in enumerate(values):
+            try:
+                loaded.append(self.load(value))
+            except Exception as exc:
+                raise CheckpointSerializationError(
+                    f"message {index} of run {run_id!r} ({_type_name(value)}) could not be "
+                    f"loaded by the message codec: {exc}",
+                    run_id=run_id,
+                ) from exc
+        return loaded
+
+
+def _type_name(value: object) -> str:
+    kind = type(value)
+    return (
+        kind.__qualname__
+        if kind.__module__ == "builtins"
+        else f"{kind.__module__}.{kind.__qualname__}"
+    )
+
 
 # Without these, orjson would turn dataclasses, datetimes and str/int subclasses (enums) into
 # JSON that decodes to something else; with them such values are rejected like any non-JSON type.

@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from .checkpointer import Sleep, StoreCheckpointerFactory
+from .codec import MessageCodec
 from .config import (
     DEFAULT_DRAIN_GRACE,
     DEFAULT_HEARTBEAT_INTERVAL,
@@ -288,6 +289,7 @@ class Executor:
             pid=os.getpid(),
             app_version=self.app_version,
             stale_after=self.stale_after,
+            heartbeat_interval=self.heartbeat_interval,
         )
         self.state = "running"
         self._heartbeat = _Heartbeat(
@@ -311,9 +313,11 @@ class Executor:
         verify: bool = False,
         clock: Clock | Callable[[], float] | None = None,
         sleep: Sleep | None = None,
+        message_codec: MessageCodec[Any] | None = None,
     ) -> StoreCheckpointerFactory:
         """A factory whose runs this executor owns (``owner`` = :attr:`id`): a drain cancels
-        the task that began each of them and releases the run."""
+        the task that began each of them and releases the run. Options as for
+        :class:`StoreCheckpointerFactory`."""
         return _ExecutorFactory(
             self,
             throttle=throttle,
@@ -324,6 +328,7 @@ class Executor:
             clock=clock,
             sleep=sleep,
             on_fenced=self._count_fenced,
+            message_codec=message_codec,
         )
 
     def recover(

@@ -11,6 +11,7 @@ from .types import (
     CheckpointStatus,
     CheckpointSummary,
     ExecutorInfo,
+    JSONValue,
     RunCheckpoint,
     RunCheckpointState,
     RunInfo,
@@ -162,6 +163,11 @@ class CheckpointStore(Protocol):
         raises the epoch and, unless the run progressed since its previous claim, the attempt
         count; records ``owner``; sets ``updated_at`` to now and returns the claimed checkpoint.
         Returns ``None`` if the claim was lost.
+
+        A run held by a registered owner whose heartbeat expired (``stale_owners``) is taken
+        only if ``owner`` is not a registered executor, or is one whose own heartbeats have
+        been on time for its ``stale_after`` (judged in the same statement): when a stall
+        delayed every heartbeat, the claimer's included, an expired heartbeat proves nothing.
         """
         ...
 
@@ -188,6 +194,23 @@ class CheckpointStore(Protocol):
 
     async def record_error(self, run_id: str, error: str) -> bool:
         """Store ``error`` as the run's last error (status unchanged); True if the run exists."""
+        ...
+
+
+@runtime_checkable
+class TailReadingStore(CheckpointStore, Protocol):
+    """A store that reads the end of a transcript without loading all of it (a session's
+    ``get_items(limit)``)."""
+
+    async def load_tail(self, run_id: str, limit: int) -> list[JSONValue] | None:
+        """The last ``limit`` messages of the stored transcript, oldest first (all of them if
+        it holds fewer); ``None`` if the run has no checkpoint. Cost grows with ``limit``, not
+        with the transcript.
+
+        Raises:
+            CheckpointError: ``limit`` is not a non-negative int.
+            StoreUnavailableError: the database could not be read.
+        """
         ...
 
 
@@ -292,14 +315,19 @@ class ExecutorStore(CheckpointStore, Protocol):
         pid: int | None,
         app_version: str | None,
         stale_after: float,
+        heartbeat_interval: float | None = None,
     ) -> float:
-        """Record a starting executor as alive for ``stale_after`` s; returns the database's
-        clock."""
+        """Record a starting executor as alive for ``stale_after`` s, beating every
+        ``heartbeat_interval`` s; returns the database's clock.
+
+        With an interval, the executor is also a judge: its claims of runs whose owner's
+        heartbeat expired succeed only while its own heartbeats have been on time (no gap
+        over two intervals) for ``stale_after`` (see :meth:`CheckpointStore.claim`)."""
         ...
 
     async def heartbeat_executor(self, executor_id: str) -> float | None:
-        """Extend the executor's life; the database's clock, or None if it is gone or
-        stopped."""
+        """Extend the executor's life (a beat over two intervals late restarts its healthy
+        period); the database's clock, or None if it is gone or stopped."""
         ...
 
     async def set_executor_state(self, executor_id: str, state: str) -> None:

@@ -22,7 +22,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.types import TypeDecorator
 
-REQUIRED_REVISION: Final = "0004"
+REQUIRED_REVISION: Final = "0005"
 """The alembic revision this version of the library reads and writes."""
 
 metadata = MetaData()
@@ -121,6 +121,11 @@ executors = Table(
     Column("heartbeat_at", Float, nullable=False),
     Column("expires_at", Float, nullable=False),  # heartbeat_at + stale_after
     Column("stopped_at", Float),
+    # The judge's own health (0005): a heartbeat more than two intervals after the previous
+    # one restarts ``healthy_since``; a claim of a stale owner's run needs its claimer healthy
+    # for ``stale_after`` (a stall that delayed everyone's heartbeats convicts nobody).
+    Column("heartbeat_interval", Float),
+    Column("healthy_since", Float),
 )
 """Running service instances: a run whose owner is not a live row here is interrupted."""
 

@@ -7,7 +7,10 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
-from typing import TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias
+
+if TYPE_CHECKING:
+    from .codec import MessageCodec
 
 JSONValue: TypeAlias = (
     bool | int | float | str | Sequence["JSONValue"] | Mapping[str, "JSONValue"] | None
@@ -101,13 +104,15 @@ class RunCheckpointMeta:
 class RunCheckpointState:
     """What the run loop hands to ``Checkpointer.save``.
 
-    ``messages`` is the accumulated, pre-compaction transcript (JSON-compatible values). It
-    normally only grows; a compacted or edited transcript is stored exactly as given. The
-    checkpointer keeps a shallow copy of the sequence, so appending after ``save`` is safe;
-    do not mutate a message in place after handing it over.
+    ``messages`` is the accumulated, pre-compaction transcript: JSON-compatible values, or a
+    framework's message objects when the factory has a
+    :class:`~executus_ckpt.codec.MessageCodec`. It normally only grows; a compacted or
+    edited transcript is stored exactly as given. The checkpointer keeps a shallow copy of
+    the sequence, so appending after ``save`` is safe; do not mutate a message in place
+    after handing it over.
     """
 
-    messages: Sequence[JSONValue] = ()
+    messages: Sequence[Any] = ()
     iteration: int = 0
     completed_phases: Sequence[str] = ()
     extra: Mapping[str, JSONValue] | None = None
@@ -123,14 +128,15 @@ class ResumeState:
     (a prefix of the stored transcript), ``iteration`` and ``extra`` are those of that save;
     ``interrupted_tail`` holds the messages saved after it (the interrupted phase's partial
     work, which agent frameworks refuse to resume from). With no completed phase the resumed
-    run starts from an empty transcript.
+    run starts from an empty transcript. Both hold JSON values, or the host's message objects
+    when loaded through a :class:`~executus_ckpt.codec.MessageCodec`.
     """
 
-    messages: Sequence[JSONValue] = ()
+    messages: Sequence[Any] = ()
     iteration: int = 0
     completed_phases: Sequence[str] = ()
     extra: Mapping[str, JSONValue] | None = None
-    interrupted_tail: Sequence[JSONValue] = ()
+    interrupted_tail: Sequence[Any] = ()
 
     def skipper(self) -> PhaseSkipper:
         """A fresh :class:`PhaseSkipper` over ``completed_phases``."""
@@ -259,14 +265,20 @@ class RunCheckpoint:
             inputs=inputs,
         )
 
-    def resume_state(self) -> ResumeState:
+    def resume_state(self, *, codec: MessageCodec[Any] | None = None) -> ResumeState:
         """The :class:`ResumeState` a recovered run continues from: the state at its last
         phase boundary (see :class:`ResumeState`).
 
         A checkpoint written before boundaries were recorded resumes from its whole
-        transcript, iteration and ``extra``.
+        transcript, iteration and ``extra``. With ``codec``, ``messages`` and
+        ``interrupted_tail`` are the host's objects, loaded by it.
+
+        Raises:
+            CheckpointSerializationError: ``codec`` could not load a stored message.
         """
         messages = list(self.messages)
+        if codec is not None:
+            messages = codec.load_all(messages, self.run_id)
         if self.boundary_message_count is None:
             return ResumeState(
                 messages=messages,

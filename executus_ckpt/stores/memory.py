@@ -9,7 +9,14 @@ from datetime import datetime
 from typing import Any
 
 from .. import codec
-from .._validation import check_header, check_limit, check_size, check_text, clean_text
+from .._validation import (
+    check_header,
+    check_limit,
+    check_size,
+    check_tail_limit,
+    check_text,
+    clean_text,
+)
 from ..config import DEFAULT_MAX_CHECKPOINT_BYTES
 from ..errors import CheckpointFencedError
 from ..types import (
@@ -17,6 +24,7 @@ from ..types import (
     CheckpointStatus,
     CheckpointSummary,
     ExecutorInfo,
+    JSONValue,
     RunCheckpoint,
     utcnow,
 )
@@ -154,6 +162,15 @@ class InMemoryCheckpointStore:
         row = self._rows.get(run_id)
         return None if row is None else row.checkpoint()
 
+    async def load_tail(self, run_id: str, limit: int) -> list[JSONValue] | None:
+        """The last ``limit`` messages of the run's transcript (see
+        :class:`~executus_ckpt.protocols.TailReadingStore`)."""
+        limit = check_tail_limit(limit, run_id)
+        row = self._rows.get(run_id)
+        if row is None:
+            return None
+        return codec.decode_messages(row.messages[len(row.messages) - limit :] if limit else [])
+
     async def delete(self, run_id: str, *, epoch: int | None = None) -> bool:
         row = self._rows.get(run_id)
         if row is None or (epoch is not None and row["epoch"] > epoch):
@@ -221,7 +238,7 @@ class InMemoryCheckpointStore:
         row = self._rows.get(run_id)
         if row is None or row["status"] != CheckpointStatus.ACTIVE or row["epoch"] != epoch:
             return None
-        if not self._unowned(row, stale_owners):
+        if not self._unowned(row, stale_owners, judge=owner):
             return None
         progressed = (
             row["claimed_at"] is not None
@@ -328,14 +345,37 @@ class InMemoryCheckpointStore:
 
     # -- executors (one process: the store's clock is the host's) ------------------------------
 
-    def _unowned(self, row: _Row, stale_owners: bool) -> bool:
+    def _unowned(self, row: _Row, stale_owners: bool, judge: str | None = None) -> bool:
         owner = row["owner"]
         if owner is None:
             return True
         executor = self._executors.get(owner)
         if executor is None or executor["state"] == "stopped":
             return True
-        return stale_owners and executor["expires_at"] <= time.time()
+        now = time.time()
+        if not stale_owners or executor["expires_at"] > now:
+            return False
+        claimer = None if judge is None else self._executors.get(judge)
+        return claimer is None or self._healthy(claimer, now)
+
+    @staticmethod
+    def _healthy(executor: dict[str, Any], now: float) -> bool:
+        """On time (no beat over two intervals late) for its ``stale_after``."""
+        interval = executor["heartbeat_interval"]
+        return (
+            executor["state"] == "running"
+            and interval is not None
+            and executor["healthy_since"] <= now - executor["stale_after"]
+            and executor["heartbeat_at"] >= now - 2 * interval
+        )
+
+    @staticmethod
+    def _beat(executor: dict[str, Any], now: float) -> None:
+        interval = executor["heartbeat_interval"]
+        if interval is None or executor["heartbeat_at"] < now - 2 * interval:
+            executor["healthy_since"] = now
+        executor["heartbeat_at"] = now
+        executor["expires_at"] = now + executor["stale_after"]
 
     async def register_executor(
         self,
@@ -346,6 +386,7 @@ class InMemoryCheckpointStore:
         pid: int | None,
         app_version: str | None,
         stale_after: float,
+        heartbeat_interval: float | None = None,
     ) -> float:
         now = time.time()
         self._executors[executor_id] = {
@@ -359,6 +400,8 @@ class InMemoryCheckpointStore:
             "started_at": now,
             "heartbeat_at": now,
             "expires_at": now + stale_after,
+            "heartbeat_interval": heartbeat_interval,
+            "healthy_since": now,
         }
         return now
 
@@ -367,8 +410,7 @@ class InMemoryCheckpointStore:
         if executor is None or executor["state"] == "stopped":
             return None
         now = time.time()
-        executor["heartbeat_at"] = now
-        executor["expires_at"] = now + executor["stale_after"]
+        self._beat(executor, now)
         return now
 
     async def set_executor_state(self, executor_id: str, state: str) -> None:

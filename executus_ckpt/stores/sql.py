@@ -14,7 +14,7 @@ from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, exists, func, or_, select, tuple_
+from sqlalchemy import and_, case, exists, func, or_, select, tuple_
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -23,6 +23,7 @@ from .._validation import (
     check_header,
     check_limit,
     check_size,
+    check_tail_limit,
     check_text,
     clean_text,
     is_storable_id,
@@ -43,6 +44,7 @@ from ..types import (
     CheckpointStatus,
     CheckpointSummary,
     ExecutorInfo,
+    JSONValue,
     RunCheckpoint,
     utcnow,
 )
@@ -463,6 +465,31 @@ class SQLCheckpointStore:
             messages = await self._messages_of(conn, [run_id])
         return _rows.checkpoint_of(row, messages[run_id])
 
+    async def load_tail(self, run_id: str, limit: int) -> list[JSONValue] | None:
+        """The last ``limit`` messages of the run's transcript (see
+        :class:`~executus_ckpt.protocols.TailReadingStore`): one indexed range read."""
+        limit = check_tail_limit(limit, run_id)
+        if not is_storable_id(run_id):
+            return None
+        async with self._read("loading the transcript tail of", run_id, snapshot=True) as conn:
+            count = (
+                await conn.execute(select(header.c.message_count).where(header.c.run_id == run_id))
+            ).scalar()
+            if count is None:
+                return None
+            if limit == 0 or count == 0:
+                return []
+            rows = await conn.execute(
+                select(messages.c.data)
+                .where(
+                    messages.c.run_id == run_id,
+                    messages.c.seq >= count - limit,
+                    messages.c.seq < count,
+                )
+                .order_by(messages.c.seq)
+            )
+            return codec.decode_messages([data for (data,) in rows])
+
     async def delete(self, run_id: str, *, epoch: int | None = None) -> bool:
         """Delete the run's checkpoint; True if one was deleted (see the protocol)."""
         if not is_storable_id(run_id):
@@ -485,15 +512,31 @@ class SQLCheckpointStore:
             return func.date_part("epoch", func.clock_timestamp())
         return (func.julianday("now") - 2440587.5) * 86400.0
 
-    def _unowned(self, stale_owners: bool = True) -> Any:
+    def _unowned(self, stale_owners: bool = True, judge: str | None = None) -> Any:
         """No live executor owns the run: no owner, or one that never registered, stopped,
-        or (with ``stale_owners``) whose heartbeat expired by the database's clock."""
-        live = select(executors.c.id).where(
+        or (with ``stale_owners``) whose heartbeat expired by the database's clock.
+
+        With ``judge`` (the claimer), an expired heartbeat counts only if the judge is not a
+        registered executor or its own heartbeats have been on time for its ``stale_after``.
+        """
+        registered = select(executors.c.id).where(
             executors.c.id == header.c.owner, executors.c.state != "stopped"
         )
-        if stale_owners:
-            live = live.where(executors.c.expires_at > self._db_clock())
-        return or_(header.c.owner.is_(None), ~exists(live))
+        if not stale_owners:
+            return or_(header.c.owner.is_(None), ~exists(registered))
+        now = self._db_clock()
+        expired = ~exists(registered.where(executors.c.expires_at > now))
+        if judge is not None:
+            judges = executors.alias("judge")
+            healthy = select(judges.c.id).where(
+                judges.c.id == judge,
+                judges.c.state == "running",
+                judges.c.healthy_since <= now - judges.c.stale_after,
+                judges.c.heartbeat_at >= now - 2 * judges.c.heartbeat_interval,
+            )
+            unknown = ~exists(select(judges.c.id).where(judges.c.id == judge))
+            expired = and_(expired, or_(unknown, exists(healthy)))
+        return or_(header.c.owner.is_(None), ~exists(registered), expired)
 
     def _filters(
         self,
@@ -594,8 +637,9 @@ class SQLCheckpointStore:
                 header.c.status == str(CheckpointStatus.ACTIVE),
                 header.c.epoch == epoch,
                 # re-checked at write time: a run whose owner came back (or that finished)
-                # since it was listed is left alone
-                self._unowned(stale_owners),
+                # since it was listed is left alone, and so is every run while the claimer's
+                # own heartbeats are late
+                self._unowned(stale_owners, judge=owner),
             )
             # updated_at moves too: a recovery pass that started before this claim will not
             # list the run again (its scan is bounded by updated_before).
@@ -814,6 +858,7 @@ class SQLCheckpointStore:
         pid: int | None,
         app_version: str | None,
         stale_after: float,
+        heartbeat_interval: float | None = None,
     ) -> float:
         """Record a starting executor as alive; returns the database's clock (epoch s)."""
         for field, value in (("executor name", name), ("host", host), ("app_version", app_version)):
@@ -832,6 +877,8 @@ class SQLCheckpointStore:
                 started_at=now,
                 heartbeat_at=now,
                 expires_at=now + stale_after,
+                heartbeat_interval=heartbeat_interval,
+                healthy_since=now,
             )
             .returning(executors.c.heartbeat_at)
         )
@@ -848,7 +895,18 @@ class SQLCheckpointStore:
         stmt = (
             executors.update()
             .where(executors.c.id == executor_id, executors.c.state != "stopped")
-            .values(heartbeat_at=now, expires_at=now + executors.c.stale_after)
+            .values(
+                heartbeat_at=now,
+                expires_at=now + executors.c.stale_after,
+                # a late beat (the process or the database stalled) restarts the healthy period
+                healthy_since=case(
+                    (
+                        executors.c.heartbeat_at >= now - 2 * executors.c.heartbeat_interval,
+                        func.coalesce(executors.c.healthy_since, now),
+                    ),
+                    else_=now,
+                ),
+            )
             .returning(executors.c.heartbeat_at)
         )
 

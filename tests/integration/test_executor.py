@@ -146,3 +146,75 @@ async def _exists(store: Any, run_id: str) -> bool:
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def _beat(store: Any, ids: list[str], times: int, interval: float = 0.1) -> None:
+    for _ in range(times):
+        for executor_id in ids:
+            assert await store.heartbeat_executor(executor_id) is not None
+        await asyncio.sleep(interval)
+
+
+async def test_a_judge_whose_own_heartbeats_stalled_rescues_nobody(store: Any) -> None:
+    """Everyone's heartbeats stalled together (the database froze, or a process stopped while
+    holding SQLite's write lock): the owner's expired heartbeat says nothing about the owner
+    while the judge's own heartbeats were late too. The claim's own statement refuses until the
+    judge has beaten on time for stale_after again; then the owner, still silent, is gone."""
+    beat = {"stale_after": 0.5, "heartbeat_interval": 0.1}
+    for executor_id in ("P", "J"):
+        await store.register_executor(
+            executor_id, name=executor_id, host=None, pid=None, app_version=None, **beat
+        )
+    cp = await StoreCheckpointerFactory(store, executor_id="P").begin(RunInfo("r"))
+    await cp.save(RunCheckpointState(messages=[{"m": 0}], iteration=1))
+    await _beat(store, ["P", "J"], 7)
+    stored = await store.load("r")
+    assert stored is not None and stored.owner == "P"
+    await asyncio.sleep(0.7)  # nobody could write: every heartbeat is late, J's too
+    # J's claim runs before J's own next beat: J's heartbeat is stale, J judges nobody
+    assert await store.claim("r", epoch=stored.epoch, owner="J") is None
+    await store.heartbeat_executor("J")  # J's first beat after the stall
+    assert await store.claim("r", epoch=stored.epoch, owner="J") is None
+    await _beat(store, ["J"], 2)  # on time again, but not yet for stale_after
+    assert await store.claim("r", epoch=stored.epoch, owner="J") is None
+    await _beat(store, ["J"], 5)  # J on time for stale_after; P silent all along: P is gone
+    claimed = await store.claim("r", epoch=stored.epoch, owner="J")
+    assert claimed is not None and claimed.owner == "J"
+
+
+async def test_an_owner_that_came_back_after_the_stall_keeps_its_run(store: Any) -> None:
+    beat = {"stale_after": 0.5, "heartbeat_interval": 0.1}
+    for executor_id in ("P", "J"):
+        await store.register_executor(
+            executor_id, name=executor_id, host=None, pid=None, app_version=None, **beat
+        )
+    cp = await StoreCheckpointerFactory(store, executor_id="P").begin(RunInfo("r"))
+    await cp.save(RunCheckpointState(messages=[{"m": 0}], iteration=1))
+    await _beat(store, ["P", "J"], 7)
+    await asyncio.sleep(0.7)
+    await _beat(store, ["J", "P"], 8)  # both back; J healthy for stale_after again
+    stored = await store.load("r")
+    assert stored is not None
+    assert await store.claim("r", epoch=stored.epoch, owner="J") is None
+    await cp.save(RunCheckpointState(messages=[{"m": 0}, {"m": 1}], iteration=2))  # not fenced
+
+
+async def test_an_unregistered_recoverer_still_rescues_stale_owners(store: Any) -> None:
+    """A host without an Executor (or the CLI) has no heartbeat to be judged by: an owner's
+    expired heartbeat is enough, as before."""
+    await store.register_executor(
+        "P",
+        name="P",
+        host=None,
+        pid=None,
+        app_version=None,
+        stale_after=0.3,
+        heartbeat_interval=0.1,
+    )
+    cp = await StoreCheckpointerFactory(store, executor_id="P").begin(RunInfo("r"))
+    await cp.save(RunCheckpointState(messages=[{"m": 0}], iteration=1))
+    await asyncio.sleep(0.5)
+    stored = await store.load("r")
+    assert stored is not None
+    claimed = await store.claim("r", epoch=stored.epoch, owner="bot-1")
+    assert claimed is not None and claimed.owner == "bot-1"

@@ -44,7 +44,7 @@ async def test_head_declares_the_previous_revision_compatible(sql_url: str) -> N
             ).scalar_one()
     finally:
         await engine.dispose()
-    assert oldest < REQUIRED_REVISION, "0004 is expand-only: 0003's code may use it"
+    assert oldest < REQUIRED_REVISION, "0004 and 0005 are expand-only: 0003's code may use them"
 
 
 async def test_a_compatible_newer_schema_is_accepted(sql_url: str) -> None:

@@ -252,7 +252,13 @@ def test_wheel_metadata_has_one_version_and_no_dev_extras(wheel: Path) -> None:
     headers = [line for line in meta.splitlines() if ": " in line and not line.startswith(" ")]
     assert f"Version: {executus_ckpt.__version__}" in headers
     assert wheel.name.startswith(f"executus_ckpt-{executus_ckpt.__version__}-")
-    assert [h for h in headers if h.startswith("Provides-Extra: ")] == ["Provides-Extra: postgres"]
+    extras = sorted(h.removeprefix("Provides-Extra: ") for h in headers if "Provides-Extra" in h)
+    assert extras == ["openai-agents", "otel", "postgres", "pydantic-ai"]  # no dev tooling
+    requires = [h for h in headers if h.startswith("Requires-Dist: ")]
+    assert any("pydantic-ai-slim" in h and "extra == 'pydantic-ai'" in h for h in requires)
+    assert not any(h.startswith("Requires-Dist: pydantic-ai ") for h in requires)  # slim only
+    assert any("opentelemetry-api" in h and "extra == 'otel'" in h for h in requires)
+    assert not any("opentelemetry-sdk" in h for h in requires)  # the API only
     assert "Classifier: Typing :: Typed" in headers
     assert "Classifier: Framework :: AsyncIO" in headers
     assert any(h.startswith("Project-URL: Repository, https://") for h in headers)

@@ -57,6 +57,7 @@ def test_all_is_pinned() -> None:
             "ExecutorStats",
             "CheckpointSummary",
             "JSONValue",
+            "MessageCodec",
             "StoreCheckpointer",
             "__version__",
         }
