@@ -5,6 +5,8 @@ BIN := $(VENV)/bin
 SOURCES := executus_ckpt tests migrations $(wildcard bench) $(wildcard examples)
 # every extra: the integrations and OpenTelemetry are tested by `make test`
 EXTRAS := postgres,pydantic-ai,openai-agents,otel
+# pytest-xdist workers for `make test` (0 runs in one process)
+TEST_WORKERS ?= 2
 
 .PHONY: install db lint type test bench demo migrate check clean
 
@@ -32,7 +34,7 @@ type: install
 test: install db lint type
 	PYTHONASYNCIODEBUG=1 \
 	EXECUTUS_CKPT_TEST_PG_URL=$${EXECUTUS_CKPT_TEST_PG_URL:-$$(scripts/ensure-postgres.sh)} \
-	$(BIN)/pytest $(PYTEST_ARGS)
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 check: test
 

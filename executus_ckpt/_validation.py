@@ -74,10 +74,27 @@ def check_text(
         )
 
 
+_VALID_IDENTITIES: dict[int, tuple[RunCheckpointMeta, str | None, str | None]] = {}
+_MEMO_SIZE = 4096
+
+
 def check_identity(
     meta: RunCheckpointMeta, app_version: str | None = None, owner: str | None = None
 ) -> None:
-    """Validate a run's identity text (ids, names, prompt, app version, owner)."""
+    """Validate a run's identity text (ids, names, prompt, app version, owner).
+
+    A run hands the same frozen meta to every save: a meta object found valid is not
+    checked again (its ``inputs`` must not be mutated after it is handed over)."""
+    hit = _VALID_IDENTITIES.get(id(meta))
+    if hit is not None and hit[0] is meta and hit[1] == app_version and hit[2] == owner:
+        return
+    _check_identity(meta, app_version, owner)
+    if len(_VALID_IDENTITIES) >= _MEMO_SIZE:
+        _VALID_IDENTITIES.clear()
+    _VALID_IDENTITIES[id(meta)] = (meta, app_version, owner)
+
+
+def _check_identity(meta: RunCheckpointMeta, app_version: str | None, owner: str | None) -> None:
     run_id = meta.run_id
     check_text("run_id", run_id, None, optional=False)
     for name in _META_TEXT:

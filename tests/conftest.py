@@ -190,7 +190,6 @@ BACKEND_PARAMS = ("store_url", "sql_url", "empty_sql_url", "bulk_backend", "back
 """Parameters whose value names the backend a test runs on: the parametrized fixtures above
 (and ``bulk_backend`` in test_recovery), and a test's own ``backend`` parametrize argument."""
 
-_backends: dict[str, str] = {}  # node id -> backend, read from each item at collection
 _counts: Counter[tuple[str, str]] = Counter()
 
 
@@ -213,11 +212,18 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         backend = _backend(item)
         if backend is not None:
-            _backends[item.nodeid] = backend
+            # carried by every report, so the tally also works with pytest-xdist, whose
+            # controller never sees the items
+            item.user_properties.append(("backend", backend))
+        if item.get_closest_marker("slow") is not None:
+            # `make test` runs with `-n 2 --dist loadgroup`: the slow multi-process suites
+            # (replicas, faults) run one after another on one worker, never two at once, so
+            # that their timing bounds hold on a two-core machine
+            item.add_marker(pytest.mark.xdist_group("slow"))
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    backend = _backends.get(report.nodeid)
+    backend = dict(report.user_properties).get("backend")
     if backend is None:
         return
     if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
@@ -236,5 +242,7 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: Any)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if hasattr(session.config, "workerinput"):
+        return  # an xdist worker: the controller holds the whole tally
     if REQUIRE_PG and _counts and _counts[("postgres", "passed")] == 0:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED

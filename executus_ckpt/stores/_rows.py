@@ -159,12 +159,30 @@ def values_of(
     ``completed_phases`` passes the phases' encoding when the caller already has it.
     """
     values: dict[str, Any] = {"run_id": checkpoint.meta.run_id}
+    values.update(_meta_values(checkpoint.meta))
     for name, encode in _ENCODE.items():
-        source = checkpoint.meta if name in _META_NAMES else checkpoint
-        values[name] = encode(getattr(source, name))
+        if name not in _META_NAMES:
+            values[name] = encode(getattr(checkpoint, name))
     if completed_phases is not None:
         values["completed_phases"] = completed_phases
     return values
+
+
+_META_MEMO: dict[int, tuple[RunCheckpointMeta, dict[str, Any]]] = {}
+_MEMO_SIZE: Final = 4096
+
+
+def _meta_values(meta: RunCheckpointMeta) -> dict[str, Any]:
+    """The identity columns of ``meta``, encoded once per meta object (a run saves the same
+    frozen meta at every save; this keeps the save's cost off its inputs' size)."""
+    hit = _META_MEMO.get(id(meta))
+    if hit is not None and hit[0] is meta:
+        return hit[1]
+    encoded = {name: _ENCODE[name](getattr(meta, name)) for name in META_FIELDS}
+    if len(_META_MEMO) >= _MEMO_SIZE:
+        _META_MEMO.clear()
+    _META_MEMO[id(meta)] = (meta, encoded)
+    return encoded
 
 
 _NO_PHASES: Final = codec.encode([])
