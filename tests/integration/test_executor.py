@@ -218,3 +218,40 @@ async def test_an_unregistered_recoverer_still_rescues_stale_owners(store: Any) 
     assert stored is not None
     claimed = await store.claim("r", epoch=stored.epoch, owner="bot-1")
     assert claimed is not None and claimed.owner == "bot-1"
+
+
+@pytest.mark.parametrize("owner_then", ["completes", "fails_kept", "beats_again"])
+async def test_a_run_that_changed_between_listing_and_claim_is_left_alone(
+    store: Any, owner_then: str
+) -> None:
+    """River #1302: a rescuer listed a run, then its slow-but-alive owner finished it (or
+    came back) before the rescuer's UPDATE. The claim re-checks in its own statement: it
+    takes nothing, and a finished run is not resurrected."""
+    await store.register_executor(
+        "P",
+        name="P",
+        host=None,
+        pid=None,
+        app_version=None,
+        stale_after=0.3,
+        heartbeat_interval=0.1,
+    )
+    factory = StoreCheckpointerFactory(store, executor_id="P", keep_failed=True)
+    cp = await factory.begin(RunInfo("r"))
+    await cp.save(RunCheckpointState(messages=[{"m": 0}], iteration=1))
+    await asyncio.sleep(0.5)  # P's heartbeat expired: the run is interrupted
+    [listed] = await store.list_interrupted()
+    if owner_then == "completes":
+        await cp.complete()
+    elif owner_then == "fails_kept":
+        await cp.fail(RuntimeError("tool broke"))
+    else:
+        assert await store.heartbeat_executor("P") is not None
+    assert await store.claim("r", epoch=listed.epoch, owner="bot-1") is None
+    after = await store.load("r")
+    if owner_then == "completes":
+        assert after is None, "a finished run was resurrected"
+    elif owner_then == "fails_kept":
+        assert after is not None and after.status == CheckpointStatus.FAILED
+    else:
+        assert after is not None and after.owner == "P" and after.epoch == listed.epoch
