@@ -149,7 +149,7 @@ def _iterations(fleet: Fleet, replica: Replica, runs: list[str]) -> dict[str, li
 FAST = {"hb": 0.15, "stale": 1.0, "sweep": 0.15}
 REPLICAS = 5
 STOPPERS = 3
-CHAOS = float(os.environ.get("EXECUTUS_CKPT_ZOMBIE_SECONDS", "30"))
+CHAOS = float(os.environ.get("EXECUTUS_CKPT_ZOMBIE_SECONDS", "45"))  # ~100 rounds per backend
 RESCUE = re.compile(r"rescued run (\S+) from owner (\S+)")
 
 
