@@ -283,36 +283,48 @@ def migrate(ctx: click.Context, revision: str, sub_json: bool, sub_url: str | No
 @_json_flag
 @click.pass_context
 def current(ctx: click.Context, sub_json: bool, sub_url: str | None = None) -> None:
-    """Show the schema revision found and the one this version needs."""
-    from .migrate import current_revision, is_newer
+    """Show the schema revision found and the one this version needs.
+
+    Exits 0 if this version can use the database: up to date, or migrated by a newer release
+    that declared it compatible (a rolling deploy); 1 otherwise."""
+    from .migrate import is_newer, schema_status
     from .schema import REQUIRED_REVISION
     from .stores.sql import SQLCheckpointStore
 
     s = _settings(ctx, sub_json)
 
-    async def go() -> str | None:
+    async def go() -> tuple[str | None, bool]:
         store = SQLCheckpointStore.from_url(
             s.url, connect_timeout=s.timeout, operation_timeout=s.timeout
         )
         try:
-            # current_revision maps driver failures itself (StoreUnavailableError).
-            return await current_revision(store.engine)
+            # schema_status maps driver failures itself (StoreUnavailableError).
+            return await schema_status(store.engine)
         finally:
             await store.aclose()
 
-    found = _run(go())
-    ok = found == REQUIRED_REVISION
+    found, usable = _run(go())
+    up_to_date = found == REQUIRED_REVISION
     if s.json:
-        _emit_json({"found": found, "required": REQUIRED_REVISION, "up_to_date": ok})
+        doc: dict[str, object] = {
+            "found": found,
+            "required": REQUIRED_REVISION,
+            "up_to_date": up_to_date,
+        }
+        if not up_to_date and is_newer(found):
+            doc["compatible"] = usable
+        _emit_json(doc)
     else:
-        if ok:
+        if up_to_date:
             advice = "(up to date)"
+        elif usable:
+            advice = "(a newer release wrote it and declared it compatible: usable as is)"
         elif is_newer(found):
             advice = "(a newer release wrote it: upgrade executus-ckpt)"
         else:
             advice = "(run: executus-ckpt migrate)"
         click.echo(f"found: {found or 'none'}  required: {REQUIRED_REVISION}  {advice}")
-    if not ok:
+    if not usable:
         ctx.exit(1)
 
 

@@ -273,18 +273,17 @@ async def current_revision(engine: AsyncEngine) -> str | None:
             return await conn.run_sync(_read_revision)
 
 
-async def check_schema_revision(engine: AsyncEngine) -> None:
-    """Raise :class:`SchemaOutOfDateError` unless the database is at ``REQUIRED_REVISION``.
+async def schema_status(engine: AsyncEngine) -> tuple[str | None, bool]:
+    """``(found revision, usable by this release)``: usable if at ``REQUIRED_REVISION``, or
+    newer and declared compatible with it by the release that migrated it (a rolling deploy).
 
-    The error names the fix (see :func:`schema_error`); only then are the migration scripts
-    read, so a store on an up-to-date database never imports alembic.
+    Raises:
+        StoreUnavailableError: the database could not be reached.
     """
     found = await current_revision(engine)
     if found == REQUIRED_REVISION:
-        return
+        return found, True
     if found is not None and found > REQUIRED_REVISION:
-        # A newer release migrated the database (a rolling deploy): fine if that release
-        # declared its schema usable by code requiring our revision.
         oldest = await _oldest_compatible_revision(engine)
         if oldest is not None and oldest <= REQUIRED_REVISION:
             logger.info(
@@ -295,8 +294,20 @@ async def check_schema_revision(engine: AsyncEngine) -> None:
                 REQUIRED_REVISION,
                 extra={"action": "schema_compatible", "found": found},
             )
-            return
-    raise schema_error(engine.url, found)
+            return found, True
+    return found, False
+
+
+async def check_schema_revision(engine: AsyncEngine) -> None:
+    """Raise :class:`SchemaOutOfDateError` unless this release can use the database's schema
+    (see :func:`schema_status`).
+
+    The error names the fix (see :func:`schema_error`); only then are the migration scripts
+    read, so a store on an up-to-date database never imports alembic.
+    """
+    found, usable = await schema_status(engine)
+    if not usable:
+        raise schema_error(engine.url, found)
 
 
 async def _oldest_compatible_revision(engine: AsyncEngine) -> str | None:

@@ -3,6 +3,8 @@ that release declared the schema compatible (expand-only); it refuses otherwise.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from sqlalchemy import text
 
@@ -62,3 +64,45 @@ async def test_an_incompatible_newer_schema_is_refused(sql_url: str) -> None:
             pass
     assert info.value.found == NEWER
     assert "upgrade" in str(info.value).lower()
+
+
+def _current(url: str, *args: str) -> tuple[int, str]:
+    import os
+
+    from click.testing import CliRunner
+
+    from executus_ckpt.cli import main
+
+    result = CliRunner().invoke(
+        main, ["current", *args], env={**os.environ, "EXECUTUS_CKPT_DATABASE_URL": url}
+    )
+    return result.exit_code, result.stdout
+
+
+async def test_cli_current_accepts_a_compatible_newer_schema(sql_url: str) -> None:
+    """A database migrated by the next release and declared usable by this one is fine for
+    this release: `current` says so and exits 0 (a deploy gate must not fail on it)."""
+    import asyncio
+
+    await _as_if_newer(sql_url, REQUIRED_REVISION)
+    code, out = await asyncio.to_thread(_current, sql_url)
+    assert code == 0, out
+    assert f"found: {NEWER}" in out and "compatible" in out
+    code, out = await asyncio.to_thread(_current, sql_url, "--json")
+    assert code == 0, out
+    assert json.loads(out) == {
+        "found": NEWER,
+        "required": REQUIRED_REVISION,
+        "up_to_date": False,
+        "compatible": True,
+    }
+
+
+async def test_cli_current_refuses_an_incompatible_newer_schema(sql_url: str) -> None:
+    import asyncio
+
+    await _as_if_newer(sql_url, NEWER)
+    code, out = await asyncio.to_thread(_current, sql_url)
+    assert code == 1 and "upgrade executus-ckpt" in out
+    code, out = await asyncio.to_thread(_current, sql_url, "--json")
+    assert code == 1 and json.loads(out)["compatible"] is False
