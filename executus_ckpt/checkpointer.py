@@ -9,9 +9,9 @@ import math
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
-from . import codec
+from . import codec, telemetry
 from ._transcript import Transcript, TranscriptSnapshot
 from ._validation import check_identity, check_json_mapping, check_messages, check_progress
 from .codec import MessageCodec
@@ -168,6 +168,8 @@ class StoreCheckpointer:
         self._keep_failed = keep_failed
         self._on_fenced = on_fenced
         self._appending = isinstance(store, AppendingStore)
+        self._store_kind = telemetry.store_kind(store)
+        self._default_path = "append" if self._appending else "upsert"
         self._meta = meta
         self._throttle = float(throttle)
         self._clock = _as_clock(clock, sleep)
@@ -283,12 +285,20 @@ class StoreCheckpointer:
         if release and self._state is _State.CLOSED and self._epoch is not None:
             async with self._lock:
                 if self._state is _State.CLOSED:
-                    await self._store.release(self.run_id, epoch=self._epoch)
+                    with telemetry.operation(
+                        "release", run_id=self.run_id, epoch=self._epoch
+                    ) as op:
+                        released = await self._store.release(self.run_id, epoch=self._epoch)
+                        op.set(result="released" if released else "fenced")
                     self._state = _State.RELEASED
-                    logger.info(
+                    if not released:
+                        telemetry.count_fenced("release")
+                    op.log(
+                        logger,
+                        logging.INFO,
                         "run %s released for recovery",
                         self.run_id,
-                        extra={"action": "release_run", "run_id": self.run_id},
+                        action="release_run",
                     )
 
     # -- internals -----------------------------------------------------------------------
@@ -338,26 +348,31 @@ class StoreCheckpointer:
 
     async def _store_write(self, snap: _Snapshot) -> None:
         started = self._clock()
-        if self._epoch is None:
-            # Register as begin() would (the initial row); the state itself follows.
-            initial = RunCheckpoint(
-                meta=self._meta, app_version=self._app_version, owner=self._owner
-            )
-            self._epoch = await self._store.register(initial)
-            self._transcript.mark_empty()
-        checkpoint = self._checkpoint(snap, self._epoch)
+        # None unless something listens (tracing, metrics, DEBUG logs): then the store
+        # reports its path and sizes into it (telemetry.note_save) and it becomes one span,
+        # the save metrics and one log line.
+        record = telemetry.save_started(logger, self.run_id, self._store_kind, self._default_path)
         transcript = snap.transcript
         try:
+            if self._epoch is None:
+                # Register as begin() would (the initial row); the state itself follows.
+                initial = RunCheckpoint(
+                    meta=self._meta, app_version=self._app_version, owner=self._owner
+                )
+                self._epoch = await self._store.register(initial)
+                self._transcript.mark_empty()
+            checkpoint = self._checkpoint(snap, self._epoch)
             if not self._appending:
                 await self._store.save(checkpoint)
             else:
                 # Appends never create the run: a writer whose run was finished or taken
                 # over elsewhere is fenced instead of resurrecting it.
-                assert isinstance(self._store, AppendingStore)
+                # checked once in __init__ (a runtime Protocol isinstance costs ~25 µs)
+                store = cast(AppendingStore, self._store)
                 delta = self._transcript.delta(transcript)
                 stored = delta.stored if delta is not None else 0
                 own = delta is not None and delta.stored == transcript.changed_from
-                await self._store.append(
+                await store.append(
                     checkpoint,
                     base_count=stored,
                     encoded_tail=transcript.encoded if own else None,
@@ -368,12 +383,26 @@ class StoreCheckpointer:
             self._state = _State.FENCED
             if self._on_fenced is not None:
                 self._on_fenced(self.run_id)
-            logger.warning(
+            if record is not None:
+                record.finish(self._epoch, snap.iteration, exc)
+            telemetry.count_fenced("save")
+            telemetry.log(
+                logger,
+                logging.WARNING,
                 "run %s was taken over by a newer writer; this checkpointer stops writing",
                 self.run_id,
-                extra={"action": "fenced", "run_id": self.run_id, "epoch": self._epoch},
+                action="fenced",
+                run_id=self.run_id,
+                epoch=self._epoch,
+                operation="save",
             )
             raise
+        except BaseException as exc:
+            if record is not None:
+                record.finish(self._epoch, snap.iteration, exc)
+            raise
+        if record is not None:
+            record.finish(self._epoch, snap.iteration, None)
         self._written_seq = max(self._written_seq, snap.seq)
         self._transcript.written(transcript)
         if self._last_write is None or started > self._last_write:
@@ -426,12 +455,16 @@ class StoreCheckpointer:
             except CheckpointError as exc:
                 backoff = min(MAX_RETRY_DELAY, max(self._throttle, 0.1) * 2**failures)
                 failures += 1
-                logger.warning(
+                telemetry.log(
+                    logger,
+                    logging.WARNING,
                     "trailing flush of run %s failed, retrying in %.1fs: %s",
                     self.run_id,
                     backoff,
                     exc,
-                    extra={"action": "trailing_flush_failed", "run_id": self.run_id},
+                    action="trailing_flush_failed",
+                    run_id=self.run_id,
+                    error=type(exc).__name__,
                 )
                 await self._clock.sleep(backoff)
 
@@ -466,42 +499,60 @@ class StoreCheckpointer:
         await asyncio.shield(self._finalizer)
 
     async def _finalize_locked(self, outcome: str, error: BaseException | None) -> None:
+        op = telemetry.operation(
+            "complete" if outcome == "completed" else "fail",
+            run_id=self.run_id,
+            epoch=self._epoch,
+            error=type(error).__name__ if error is not None else None,
+        )
+        if outcome == "failed":
+            op.fail(error, f"run failed: {op.fields['error'] or 'no error given'}")
         try:
-            async with self._lock:  # after any in-flight write
-                if self._state in _FINISHED:
-                    return
-                if self._state is _State.FENCED:
-                    return  # the run is another writer's now: leave its checkpoint alone
-                kept = outcome == "failed" and self._keep_failed
-                if kept:
-                    text = "none given" if error is None else f"{type(error).__name__}: {error}"
-                    done = await self._store.mark_failed(self.run_id, error=text, epoch=self._epoch)
-                else:
-                    done = await self._store.delete(self.run_id, epoch=self._epoch)
-                self._state = _State.DELETED
-                if not done and self._epoch is not None:
-                    logger.warning(
-                        "run %s %s, but its checkpoint is gone or was taken over by another "
-                        "owner (this writer's epoch %d): nothing changed",
-                        self.run_id,
-                        outcome,
-                        self._epoch,
-                        extra={"action": "finalize_fenced", "run_id": self.run_id},
-                    )
-                    return
+            with op:
+                async with self._lock:  # after any in-flight write
+                    if self._state in _FINISHED:
+                        op.set(result="skipped")
+                        return
+                    if self._state is _State.FENCED:
+                        # the run is another writer's now: leave its checkpoint alone
+                        op.set(result="fenced")
+                        return
+                    kept = outcome == "failed" and self._keep_failed
+                    if kept:
+                        text = "none given" if error is None else f"{type(error).__name__}: {error}"
+                        done = await self._store.mark_failed(
+                            self.run_id, error=text, epoch=self._epoch
+                        )
+                    else:
+                        done = await self._store.delete(self.run_id, epoch=self._epoch)
+                    self._state = _State.DELETED
+                    op.set(epoch=self._epoch)
+                    if not done and self._epoch is not None:
+                        op.set(result="fenced")
+                        telemetry.count_fenced("complete" if outcome == "completed" else "fail")
+                        op.log(
+                            logger,
+                            logging.WARNING,
+                            "run %s %s, but its checkpoint is gone or was taken over by another "
+                            "owner (this writer's epoch %d): nothing changed",
+                            self.run_id,
+                            outcome,
+                            self._epoch,
+                            action="finalize_fenced",
+                        )
+                        return
+                    op.set(result="kept_failed" if kept else "deleted")
         except BaseException:
             self._finalizer = None  # a later complete()/fail() tries again
             raise
-        logger.info(
+        op.log(
+            logger,
+            logging.INFO,
             "run %s %s: checkpoint %s",
             self.run_id,
             outcome,
             "kept as failed" if kept else "deleted",
-            extra={
-                "action": f"run_{outcome}",
-                "run_id": self.run_id,
-                "error": type(error).__name__ if error is not None else None,
-            },
+            action=f"run_{outcome}",
         )
 
     def __repr__(self) -> str:
@@ -649,14 +700,29 @@ class StoreCheckpointerFactory:
         meta = RunCheckpointMeta.from_run_info(info, _storable_inputs(info))
         epoch: int | None = None
         if self._write_initial:
-            epoch = await self._register(
-                RunCheckpoint(meta=meta, app_version=self._app_version, owner=self._executor_id)
+            initial = RunCheckpoint(
+                meta=meta, app_version=self._app_version, owner=self._executor_id
             )
-            logger.info(
+            with telemetry.operation(
+                "begin",
+                run_id=meta.run_id,
+                agent_id=meta.agent_id,
+                executor_id=self._executor_id,
+                epoch=None,
+            ) as op:
+                try:
+                    epoch = await self._register(initial)
+                except CheckpointFencedError:
+                    telemetry.count_fenced("begin")
+                    raise
+                op.set(epoch=epoch)
+            op.log(
+                logger,
+                logging.INFO,
                 "run %s began (epoch %d)",
                 meta.run_id,
                 epoch,
-                extra={"action": "run_began", "run_id": meta.run_id, "epoch": epoch},
+                action="run_began",
             )
         return StoreCheckpointer(
             self._store,

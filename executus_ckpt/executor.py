@@ -23,6 +23,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from . import telemetry
 from .checkpointer import Sleep, StoreCheckpointerFactory
 from .codec import MessageCodec
 from .config import (
@@ -297,12 +298,17 @@ class Executor:
         )
         self._heartbeat.skew = time.time() - db_now
         self._heartbeat.start()
+        telemetry.watch_executor(self.id, self.name, self._heartbeat.age)
         self._warn_on_skew(self._heartbeat.skew)
-        logger.info(
+        telemetry.log(
+            logger,
+            logging.INFO,
             "executor %s (%s) started",
             self.id,
             self.name or "unnamed",
-            extra={"action": "executor_started", "executor_id": self.id},
+            action="executor_started",
+            executor_id=self.id,
+            executor_name=self.name,
         )
 
     def factory(
@@ -416,12 +422,17 @@ class Executor:
         self._claims += 1
         if summary.owner is not None:
             self._rescues += 1
-            logger.info(
+            telemetry.log(
+                logger,
+                logging.INFO,
                 "executor %s rescued run %s from owner %s",
                 self.id,
                 summary.run_id,
                 summary.owner,
-                extra={"action": "rescue_run", "run_id": summary.run_id, "executor_id": self.id},
+                action="rescue_run",
+                run_id=summary.run_id,
+                executor_id=self.id,
+                previous_owner=summary.owner,
             )
 
     def _warn_on_skew(self, skew: float | None) -> None:
@@ -512,12 +523,28 @@ class Executor:
                 await self.store.record_error(checkpoint.run_id, f"{type(exc).__name__}: {exc}")
 
     async def _drain(self, grace: float, caller: asyncio.Task[Any] | None) -> None:
+        op = telemetry.operation(
+            "drain",
+            executor_id=self.id,
+            executor_name=self.name,
+            grace=grace,
+            runs_cancelled=None,
+            runs_released=None,
+        )
+        with op:
+            await self._drain_traced(op, grace, caller)
+
+    async def _drain_traced(
+        self, op: telemetry.Operation, grace: float, caller: asyncio.Task[Any] | None
+    ) -> None:
         self.state = "draining"
-        logger.info(
+        op.log(
+            logger,
+            logging.INFO,
             "executor %s draining (grace %.1f s)",
             self.id,
             grace,
-            extra={"action": "drain", "executor_id": self.id},
+            action="drain",
         )
         with contextlib.suppress(CheckpointError):
             await self.store.set_executor_state(self.id, "draining")
@@ -552,12 +579,16 @@ class Executor:
             await self.store.set_executor_state(self.id, "stopped")
         if self._heartbeat is not None:
             await self._heartbeat.stop()
+        telemetry.unwatch_executor(self.id)
         self.state = "stopped"
-        logger.info(
+        op.set(runs_cancelled=len(pending), runs_released=released)
+        op.log(
+            logger,
+            logging.INFO,
             "executor %s stopped: %d runs cancelled and released",
             self.id,
             len(pending) + released,
-            extra={"action": "executor_stopped", "executor_id": self.id},
+            action="executor_stopped",
         )
 
 

@@ -8,6 +8,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+from . import telemetry
 from .checkpointer import NoopCheckpointer
 from .config import DEFAULT_SHUTDOWN_FLUSH_TIMEOUT
 from .errors import CheckpointFencedError, ShutdownError
@@ -91,13 +92,17 @@ async def checkpointed_run(
         # claimed): running it non-durable would run it twice.
         raise
     except Exception as exc:
-        logger.warning(
+        telemetry.log(
+            logger,
+            logging.WARNING,
             "run %s is not durable: checkpointing could not begin (%s: %s)",
             info.run_id,
             type(exc).__name__,
             exc,
-            extra={"action": "begin_failed", "run_id": info.run_id},
+            action="begin_failed",
             exc_info=exc,
+            run_id=info.run_id,
+            error=type(exc).__name__,
         )
         checkpointer = NoopCheckpointer()
     try:
@@ -132,10 +137,13 @@ async def _finalize(
             finally:
                 async with asyncio.timeout_at(deadline):
                     await checkpointer.aclose(release=True)
-            logger.info(
+            telemetry.log(
+                logger,
+                logging.INFO,
                 "run %s shut down: checkpoint kept for recovery",
                 run_id,
-                extra={"action": "run_interrupted", "run_id": run_id},
+                action="run_interrupted",
+                run_id=run_id,
             )
     except Exception as error:
         level = logging.WARNING if outcome is Outcome.SHUTDOWN else logging.ERROR
@@ -144,7 +152,8 @@ async def _finalize(
             Outcome.FAILED: "fail",
             Outcome.SHUTDOWN: "flush on shutdown",
         }[outcome]
-        logger.log(
+        telemetry.log(
+            logger,
             level,
             "run %s: %s of its checkpoint failed (%s: %s)%s",
             run_id,
@@ -154,6 +163,8 @@ async def _finalize(
             " - it will be recovered again at the next boot"
             if outcome is not Outcome.SHUTDOWN
             else " - the newest state may be lost",
-            extra={"action": f"finalize_{outcome.value}_failed", "run_id": run_id},
+            action=f"finalize_{outcome.value}_failed",
             exc_info=error,
+            run_id=run_id,
+            error=type(error).__name__,
         )

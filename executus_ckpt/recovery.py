@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+from . import telemetry
 from .config import DEFAULT_MAX_ATTEMPTS, DEFAULT_RECOVERY_CONCURRENCY
 from .protocols import CheckpointStore
 from .types import CheckpointStatus, CheckpointSummary, RunCheckpoint
@@ -122,9 +123,27 @@ async def recover_interrupted(
     lost: list[str] = []
     failed: dict[str, BaseException] = {}
     slots = asyncio.Semaphore(concurrency)
+    # Lazy: the pass's span starts with its first claim (an idle sweep emits none).
+    pass_op = telemetry.operation(
+        "recovery",
+        lazy=True,
+        executor_id=owner,
+        max_attempts=max_attempts,
+        concurrency=concurrency,
+    )
 
     async def recover_one(summary: CheckpointSummary) -> None:
         run_id = summary.run_id
+        claim = telemetry.operation(
+            "claim",
+            parent=pass_op,
+            run_id=run_id,
+            epoch=summary.epoch,
+            executor_id=owner,
+            previous_owner=summary.owner,
+            attempt=None,
+            outcome=None,
+        )
         try:
             checkpoint = await store.claim(
                 run_id, epoch=summary.epoch, owner=owner, stale_owners=stale_owners
@@ -133,12 +152,18 @@ async def recover_interrupted(
                 on_claim(summary, checkpoint)
             if checkpoint is None:
                 lost.append(run_id)
-                logger.info(
+                claim.set(outcome="lost")
+                claim.end()
+                telemetry.count_recovery("lost")
+                claim.log(
+                    logger,
+                    logging.INFO,
                     "run %s was claimed elsewhere",
                     run_id,
-                    extra={"action": "claim_lost", "run_id": run_id},
+                    action="claim_lost",
                 )
                 return
+            claim.set(epoch=checkpoint.epoch, attempt=checkpoint.attempts)
             if checkpoint.attempts > max_attempts:
                 phases = checkpoint.completed_phases
                 reason = (
@@ -149,11 +174,16 @@ async def recover_interrupted(
                 )
                 await store.mark_dead(run_id, reason=reason, epoch=checkpoint.epoch)
                 dead.append(run_id)
-                logger.error(
+                claim.set(outcome="dead")
+                claim.end()
+                telemetry.count_recovery("dead")
+                claim.log(
+                    logger,
+                    logging.ERROR,
                     "run %s marked dead: %s",
                     run_id,
                     reason,
-                    extra={"action": "mark_dead", "run_id": run_id, "attempt": checkpoint.attempts},
+                    action="mark_dead",
                 )
                 return
             if accept is not None and not accept(checkpoint):
@@ -163,32 +193,42 @@ async def recover_interrupted(
                 )
                 await store.mark_dead(run_id, reason=reason, epoch=checkpoint.epoch)
                 quarantined.append(run_id)
-                logger.warning(
-                    "run %s %s",
-                    run_id,
-                    reason,
-                    extra={"action": "quarantine", "run_id": run_id},
-                )
+                claim.set(outcome="quarantined")
+                claim.end()
+                telemetry.count_recovery("quarantined")
+                claim.log(logger, logging.WARNING, "run %s %s", run_id, reason, action="quarantine")
                 return
-            logger.info(
+            claim.set(outcome="recovered")
+            claim.end()
+            claim.log(
+                logger,
+                logging.INFO,
                 "recovering run %s (attempt %d of %d, iteration %d, phases done: %s)",
                 run_id,
                 checkpoint.attempts,
                 max_attempts,
                 checkpoint.iteration,
                 len(checkpoint.completed_phases),
-                extra={"action": "dispatch_run", "run_id": run_id, "attempt": checkpoint.attempts},
+                action="dispatch_run",
             )
-            await dispatch(checkpoint)
+            # The recovered run's spans (begin, save...) are children of its claim.
+            with claim.activated():
+                await dispatch(checkpoint)
             dispatched.append(run_id)
+            telemetry.count_recovery("recovered")
         except Exception as exc:
             failed[run_id] = _without_frames(exc)
-            logger.warning(
+            claim.fail(exc)
+            claim.end()
+            telemetry.count_recovery("failed")
+            claim.log(
+                logger,
+                logging.WARNING,
                 "recovery of run %s failed (%s: %s); it stays recoverable",
                 run_id,
                 type(exc).__name__,
                 exc,
-                extra={"action": "dispatch_failed", "run_id": run_id},
+                action="dispatch_failed",
                 exc_info=exc,
             )
             try:
@@ -231,19 +271,27 @@ async def recover_interrupted(
     except asyncio.CancelledError:
         await _close(listing)
         await _cancel_all(tasks)
+        pass_op.end()
         raise
-    except BaseException:
+    except BaseException as exc:
         await _close(listing)
         await _join(tasks)
+        if isinstance(exc, Exception):
+            pass_op.fail(exc)
+        pass_op.end()
         raise
-    await _close(listing)
-    await _join(tasks)
-    # Runs claimed before that reached no new phase since may be what crashed the process:
-    # each is claimed and dispatched alone, so that if it kills the process again, it takes
-    # no innocent run with it (and is dead-lettered within its budget).
-    for summary in suspects:
-        await slots.acquire()
-        await recover_one(summary)
+    try:
+        await _close(listing)
+        await _join(tasks)
+        # Runs claimed before that reached no new phase since may be what crashed the
+        # process: each is claimed and dispatched alone, so that if it kills the process
+        # again, it takes no innocent run with it (and is dead-lettered within its budget).
+        for summary in suspects:
+            await slots.acquire()
+            await recover_one(summary)
+    except BaseException:
+        pass_op.end()  # cancelled: the span ends with what it saw
+        raise
 
     report = RecoveryReport(
         dispatched=tuple(dispatched),
@@ -252,14 +300,24 @@ async def recover_interrupted(
         failed=MappingProxyType(failed),
         lost=tuple(lost),
     )
-    logger.info(
+    pass_op.set(
+        runs_recovered=len(report.dispatched),
+        runs_dead=len(report.dead),
+        runs_quarantined=len(report.quarantined),
+        runs_failed=len(report.failed),
+        runs_lost=len(report.lost),
+    )
+    pass_op.end()
+    pass_op.log(
+        logger,
+        logging.INFO,
         "recovery pass: %d dispatched, %d dead, %d quarantined, %d failed, %d claimed elsewhere",
         len(report.dispatched),
         len(report.dead),
         len(report.quarantined),
         len(report.failed),
         len(report.lost),
-        extra={"action": "recovery_pass"},
+        action="recovery_pass",
     )
     return report
 

@@ -19,6 +19,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from .. import telemetry
 from ..schema import run_checkpoint_messages as messages_table
 from . import _rows
 from ._backend import Append, Operation, T, boundary_sets, checkout_listeners
@@ -140,7 +141,9 @@ class PostgresBackend:
         self._engine = engine
         self._max_batch = max_batch
         self._parallel = parallel
-        self._queue: deque[tuple[Append, asyncio.Future[bool]]] = deque()
+        # Each future is resolved with the number of appends in the statement that applied
+        # it (for telemetry), or 0 if its guard failed.
+        self._queue: deque[tuple[Append, asyncio.Future[int]]] = deque()
         self._drainers: set[asyncio.Task[None]] = set()
         self._busy = 0  # drainers running a statement
         self._idle: deque[asyncio.Future[None]] = deque()  # lingering drainers' wake-ups
@@ -171,12 +174,15 @@ class PostgresBackend:
 
     async def append(self, append: Append) -> bool:
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[bool] = loop.create_future()
+        future: asyncio.Future[int] = loop.create_future()
         self._queue.append((append, future))
         self._dispatch()
         # Not shielded: cancelling the caller cancels only this future, never the drainer's
         # statement (which then skips it); a shield would cost another loop turn per save.
-        return await future
+        batch = await future
+        if batch:
+            telemetry.note_batch(batch)
+        return batch > 0
 
     async def aclose(self) -> None:
         self._closing = True
@@ -224,15 +230,15 @@ class PostgresBackend:
                 self._idle.remove(wake)
         return bool(self._queue)
 
-    def _take(self) -> list[tuple[Append, asyncio.Future[bool]]]:
+    def _take(self) -> list[tuple[Append, asyncio.Future[int]]]:
         """The next batch: an even share of the queue among the drainers not running a
         statement (runs saving in step queue their appends together; one batch for all of
         them would leave the server one backend and a core idle)."""
         free = max(1, self._parallel - self._busy)
         limit = min(self._max_batch, -(-len(self._queue) // free))
-        batch: list[tuple[Append, asyncio.Future[bool]]] = []
+        batch: list[tuple[Append, asyncio.Future[int]]] = []
         seen: set[str] = set()
-        deferred: list[tuple[Append, asyncio.Future[bool]]] = []
+        deferred: list[tuple[Append, asyncio.Future[int]]] = []
         while self._queue and len(batch) < limit:
             item = self._queue.popleft()
             if item[0].run_id in seen:
@@ -298,9 +304,11 @@ class PostgresBackend:
                         continue
                     finally:
                         self._busy -= 1
+                    size = len(batch)
+                    telemetry.record_batch("postgresql", size)
                     for append, future in batch:
                         if not future.done():
-                            future.set_result(append.run_id in applied)
+                            future.set_result(size if append.run_id in applied else 0)
                 if conn is None or not await self._linger():
                     return
         finally:

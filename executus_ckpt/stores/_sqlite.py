@@ -34,6 +34,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from .. import telemetry
 from ..errors import CheckpointError, StoreUnavailableError
 from ..schema import UTCDateTime
 from ..schema import run_checkpoint_messages as messages_table
@@ -168,6 +169,8 @@ class _Pending:
     future: asyncio.Future[Any]
     op: Operation[Any] | None = None
     append: Append | None = None
+    batch: int = 0
+    """Writes in the transaction that committed it (set by the drainer, for telemetry)."""
 
 
 class SQLiteBackend:
@@ -198,7 +201,9 @@ class SQLiteBackend:
 
         Cancelling the caller does not cancel the write (it is finished with its batch).
         """
-        result: T = await self._enqueue(_Pending(self._future(), op=op))
+        pending = _Pending(self._future(), op=op)
+        result: T = await self._enqueue(pending)
+        telemetry.note_batch(pending.batch)
         return result
 
     @asynccontextmanager
@@ -213,7 +218,9 @@ class SQLiteBackend:
     async def append(self, append: Append) -> bool:
         """Queue the append; a batch made only of appends runs as one call into the driver's
         thread (``BEGIN IMMEDIATE`` … ``COMMIT``)."""
-        applied: bool = await self._enqueue(_Pending(self._future(), append=append))
+        pending = _Pending(self._future(), append=append)
+        applied: bool = await self._enqueue(pending)
+        telemetry.note_batch(pending.batch)
         return applied
 
     async def aclose(self) -> None:
@@ -334,9 +341,12 @@ class SQLiteBackend:
             return
         self.batches += 1
         self.operations += len(batch)
-        if len(batch) > 1:
-            logger.debug("group commit of %d writes", len(batch))
+        size = len(batch)
+        if size > 1:
+            logger.debug("group commit of %d writes", size)
+        telemetry.record_batch("sqlite", size)
         for item, (value, failure) in zip(batch, results, strict=True):
+            item.batch = size
             _settle(item.future, value=value, error=failure)
 
     @staticmethod

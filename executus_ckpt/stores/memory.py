@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from .. import codec
+from .. import codec, telemetry
 from .._validation import (
     check_header,
     check_limit,
@@ -30,6 +31,8 @@ from ..types import (
 )
 from . import _rows
 from ._rows import appended_tail, as_utc, cutoff, valid_base
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -78,7 +81,7 @@ class InMemoryCheckpointStore:
     async def save(self, checkpoint: RunCheckpoint) -> None:
         phases = check_header(checkpoint)
         encoded = codec.encode_messages(checkpoint.messages, checkpoint.meta.run_id)
-        self._store(checkpoint, phases, encoded, sum(map(len, encoded)))
+        self._store(checkpoint, phases, encoded, sum(map(len, encoded)), "upsert")
 
     async def append(
         self,
@@ -107,10 +110,12 @@ class InMemoryCheckpointStore:
         edited = replace_from is not None and replace_from < base_count
         if base is None or edited or len(row.messages) != base:
             encoded = codec.encode_messages(messages, run_id)
-            return self._store(checkpoint, phases, encoded, sum(map(len, encoded)))
+            path = "rewrite" if base is None or edited else "fallback"
+            return self._store(checkpoint, phases, encoded, sum(map(len, encoded)), path)
         tail = appended_tail(messages, base, encoded_tail, run_id)
+        size = sum(map(len, tail))
         self._store(
-            checkpoint, phases, row.messages + tail, row["size_bytes"] + sum(map(len, tail))
+            checkpoint, phases, row.messages + tail, row["size_bytes"] + size, "append", tail, size
         )
 
     @staticmethod
@@ -124,8 +129,17 @@ class InMemoryCheckpointStore:
             )
 
     def _store(
-        self, checkpoint: RunCheckpoint, phases: bytes, encoded: list[bytes], size: int
+        self,
+        checkpoint: RunCheckpoint,
+        phases: bytes,
+        encoded: list[bytes],
+        size: int,
+        path: str,
+        written: list[bytes] | None = None,
+        written_size: int | None = None,
     ) -> None:
+        """Store the run with transcript ``encoded`` (``size`` bytes), of which ``written``
+        (``written_size`` bytes; default: all) is new; ``path`` is reported to telemetry."""
         run_id = checkpoint.meta.run_id
         row = self._rows.get(run_id)
         if row is not None:
@@ -139,6 +153,15 @@ class InMemoryCheckpointStore:
             row.values.update(_boundary_after(row.values, values))
             row.values.update({name: values[name] for name in _rows.SAVED})
         row.messages = encoded
+        telemetry.note_save(
+            logger,
+            run_id,
+            checkpoint.iteration,
+            path,
+            len(encoded if written is None else written),
+            size if written_size is None else written_size,
+            len(encoded),
+        )
 
     async def register(self, checkpoint: RunCheckpoint, *, expect_epoch: int | None = None) -> int:
         phases = check_header(checkpoint)

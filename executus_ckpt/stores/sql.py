@@ -18,7 +18,7 @@ from sqlalchemy import and_, case, exists, func, or_, select, tuple_
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from .. import codec
+from .. import codec, telemetry
 from .._validation import (
     check_header,
     check_limit,
@@ -265,7 +265,7 @@ class SQLCheckpointStore:
         phases = check_header(checkpoint)
         run_id = checkpoint.meta.run_id
         rows = codec.encode_messages(checkpoint.messages, run_id)
-        await self._rewrite(checkpoint, phases, rows, sum(map(len, rows)))
+        await self._rewrite(checkpoint, phases, rows, sum(map(len, rows)), path="upsert")
 
     async def append(
         self,
@@ -288,7 +288,9 @@ class SQLCheckpointStore:
         edited = replace_from is not None and replace_from < base_count
         if base is None or edited:
             rows = codec.encode_messages(messages, run_id)
-            return await self._rewrite(checkpoint, phases, rows, sum(map(len, rows)), create=False)
+            return await self._rewrite(
+                checkpoint, phases, rows, sum(map(len, rows)), create=False, path="rewrite"
+            )
         tail = _rows.appended_tail(messages, base, encoded_tail, run_id)
         tail_size = sum(map(len, tail))
         values = _rows.values_of(checkpoint, completed_phases=phases)
@@ -307,12 +309,20 @@ class SQLCheckpointStore:
             async with asyncio.timeout(self._timeout):
                 applied = await self._backend.append(append)
         if applied:
-            self._log_save(run_id, checkpoint.iteration, len(tail), tail_size, True)
+            count = base + len(tail)
+            telemetry.note_save(
+                logger, run_id, checkpoint.iteration, "append", len(tail), tail_size, count
+            )
             return
         # Not what we thought was stored (or fenced, or too large): write it all.
         head = codec.encode_messages(messages[:base], run_id)
         await self._rewrite(
-            checkpoint, phases, head + tail, tail_size + sum(map(len, head)), create=False
+            checkpoint,
+            phases,
+            head + tail,
+            tail_size + sum(map(len, head)),
+            create=False,
+            path="fallback",
         )
 
     async def _rewrite(
@@ -323,9 +333,11 @@ class SQLCheckpointStore:
         size: int,
         *,
         create: bool = True,
+        path: str,
     ) -> None:
         """Write the header and replace the transcript, in one transaction; ``create``
-        inserts a missing run (``save``), else a missing or newer run is fenced."""
+        inserts a missing run (``save``), else a missing or newer run is fenced. ``path``:
+        why, for telemetry (``upsert``, ``rewrite``, ``fallback``)."""
         run_id = checkpoint.meta.run_id
         check_size(run_id, size, self._max_bytes)
         values = _rows.values_of(checkpoint, completed_phases=phases)
@@ -364,7 +376,7 @@ class SQLCheckpointStore:
             await self._insert_messages(conn, run_id, 0, rows)
 
         await self._write("saving", run_id, op)
-        self._log_save(run_id, checkpoint.iteration, len(rows), size, False)
+        telemetry.note_save(logger, run_id, checkpoint.iteration, path, len(rows), size, len(rows))
 
     @staticmethod
     async def _insert_messages(
@@ -375,18 +387,6 @@ class SQLCheckpointStore:
                 messages.insert(),
                 [{"run_id": run_id, "seq": start + i, "data": d} for i, d in enumerate(rows)],
             )
-
-    @staticmethod
-    def _log_save(run_id: str, iteration: int, count: int, size: int, appended: bool) -> None:
-        logger.debug(
-            "saved run %s at iteration %d: %s %d messages (%d bytes)",
-            run_id,
-            iteration,
-            "appended" if appended else "rewrote",
-            count,
-            size,
-            extra={"action": "save_checkpoint", "run_id": run_id, "appended": appended},
-        )
 
     async def register(self, checkpoint: RunCheckpoint, *, expect_epoch: int | None = None) -> int:
         """Insert the initial row or take over an existing one; returns the run's epoch.
