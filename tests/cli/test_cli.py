@@ -848,7 +848,12 @@ def test_schema_of_a_newer_release_names_the_upgrade(sql_url: str) -> None:
     assert "upgrade executus-ckpt" in result.stdout.lower()
     assert "executus-ckpt migrate" not in result.stdout
     doc = json_doc(failed(invoke(["current", "--json"], url=sql_url), 1))
-    assert doc == {"found": "9999", "required": REQUIRED_REVISION, "up_to_date": False}
+    assert doc == {
+        "found": "9999",
+        "required": REQUIRED_REVISION,
+        "up_to_date": False,
+        "compatible": False,
+    }
 
 
 def test_schema_of_a_newer_compatible_release_is_used(sql_url: str) -> None:
@@ -857,6 +862,7 @@ def test_schema_of_a_newer_compatible_release_is_used(sql_url: str) -> None:
     stamp(sql_url, "9999", oldest_compatible=REQUIRED_REVISION)
     assert "run-1" in ok(invoke(["list"], url=sql_url)).stdout
     assert json_doc(ok(invoke(["stats", "--json"], url=sql_url)))["total"] == 1
+    assert "usable as is" in ok(invoke(["current"], url=sql_url)).stdout
 
 
 @pytest.mark.parametrize("revision", ["nonsense", "heads", ""])
