@@ -430,7 +430,7 @@ def configure(
 
     ``save_spans=False`` records no ``executus_ckpt.save`` span (the save metrics and the
     other spans stay): with the SDK, a recorded span costs tens of microseconds of CPU per
-    save (docs/observability.md), a lot for a host whose runs save many times a second.
+    save (README, "Observability"), a lot for a host whose runs save many times a second.
 
     Raises:
         RuntimeError: a provider is given but OpenTelemetry is not installed.
