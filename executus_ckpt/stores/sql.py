@@ -467,28 +467,31 @@ class SQLCheckpointStore:
 
     async def load_tail(self, run_id: str, limit: int) -> list[JSONValue] | None:
         """The last ``limit`` messages of the run's transcript (see
-        :class:`~executus_ckpt.protocols.TailReadingStore`): one indexed range read."""
+        :class:`~executus_ckpt.protocols.TailReadingStore`): one statement, an indexed range
+        read of the messages below the header's count (a NULL row: the run has none)."""
         limit = check_tail_limit(limit, run_id)
         if not is_storable_id(run_id):
             return None
-        async with self._read("loading the transcript tail of", run_id, snapshot=True) as conn:
-            count = (
-                await conn.execute(select(header.c.message_count).where(header.c.run_id == run_id))
-            ).scalar()
-            if count is None:
-                return None
-            if limit == 0 or count == 0:
-                return []
-            rows = await conn.execute(
-                select(messages.c.data)
-                .where(
-                    messages.c.run_id == run_id,
+        count = header.c.message_count
+        stmt = (
+            select(messages.c.data)
+            .select_from(header)
+            .outerjoin(
+                messages,
+                and_(
+                    messages.c.run_id == header.c.run_id,
                     messages.c.seq >= count - limit,
                     messages.c.seq < count,
-                )
-                .order_by(messages.c.seq)
+                ),
             )
-            return codec.decode_messages([data for (data,) in rows])
+            .where(header.c.run_id == run_id)
+            .order_by(messages.c.seq)
+        )
+        async with self._read("loading the transcript tail of", run_id) as conn:
+            rows = (await conn.execute(stmt)).all()
+        if not rows:
+            return None
+        return codec.decode_messages([data for (data,) in rows if data is not None])
 
     async def delete(self, run_id: str, *, epoch: int | None = None) -> bool:
         """Delete the run's checkpoint; True if one was deleted (see the protocol)."""
