@@ -117,8 +117,14 @@ def check_json_mapping(name: str, value: object, run_id: str, *, optional: bool 
     codec.encode(dict(value), run_id=run_id)
 
 
+_VALID_PHASES: dict[int, tuple[tuple[str, ...], bytes]] = {}
+
+
 def check_progress(run_id: str, iteration: object, completed_phases: object) -> bytes:
-    """Validate iteration and completed phases; returns the phases' stored encoding."""
+    """Validate iteration and completed phases; returns the phases' stored encoding.
+
+    A tuple found valid is not checked again (a checkpointer hands the store the same tuple
+    at every save until a phase completes)."""
     if (
         not isinstance(iteration, int)
         or isinstance(iteration, bool)
@@ -129,6 +135,10 @@ def check_progress(run_id: str, iteration: object, completed_phases: object) -> 
             f"got {iteration!r:.40}",
             run_id=run_id,
         )
+    if type(completed_phases) is tuple:
+        hit = _VALID_PHASES.get(id(completed_phases))
+        if hit is not None and hit[0] is completed_phases:
+            return hit[1]
     if (
         isinstance(completed_phases, str | bytes)
         or not isinstance(completed_phases, Sequence)
@@ -139,7 +149,12 @@ def check_progress(run_id: str, iteration: object, completed_phases: object) -> 
             f"got {type(completed_phases).__name__}",
             run_id=run_id,
         )
-    return codec.encode(list(completed_phases), run_id=run_id)
+    encoded = codec.encode(list(completed_phases), run_id=run_id)
+    if type(completed_phases) is tuple:
+        if len(_VALID_PHASES) >= _MEMO_SIZE:
+            _VALID_PHASES.clear()
+        _VALID_PHASES[id(completed_phases)] = (completed_phases, encoded)
+    return encoded
 
 
 def check_messages(run_id: str, messages: object) -> Sequence[object]:

@@ -316,10 +316,13 @@ class StoreCheckpointer:
         messages = check_messages(run_id, state.messages)
         check_json_mapping("extra", state.extra, run_id)
         transcript = self._transcript.snapshot(messages)
+        phases = tuple(state.completed_phases)
+        previous = self._latest
+        if previous is not None and phases == previous.completed_phases:
+            # the same tuple as last time: the store's validation of it is a memo hit
+            phases = previous.completed_phases
         self._seq += 1
-        return _Snapshot(
-            self._seq, transcript, state.iteration, tuple(state.completed_phases), state.extra
-        )
+        return _Snapshot(self._seq, transcript, state.iteration, phases, state.extra)
 
     async def _write_through(self, seq: int) -> None:
         """Make sure state ``seq`` (or a newer one) is written; finishes even if cancelled."""
