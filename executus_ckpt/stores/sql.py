@@ -633,17 +633,30 @@ class SQLCheckpointStore:
         if not is_storable_id(run_id):
             return None
         now = utcnow()
+        claimable: tuple[Any, ...] = (
+            header.c.run_id == run_id,
+            header.c.status == str(CheckpointStatus.ACTIVE),
+            header.c.epoch == epoch,
+            # re-checked at write time: a run whose owner came back (or that finished)
+            # since it was listed is left alone, and so is every run while the claimer's
+            # own heartbeats are late
+            self._unowned(stale_owners, judge=owner),
+        )
+        if self._dialect == "postgresql":
+            # FOR UPDATE SKIP LOCKED: a run another replica is claiming (or its owner is
+            # writing) right now is skipped at once instead of waited for; it is still
+            # interrupted at the next sweep if nobody took it.
+            locked = (
+                select(header.c.run_id)
+                .where(*claimable)
+                .with_for_update(skip_locked=True)
+                .correlate(None)
+                .scalar_subquery()
+            )
+            claimable = (header.c.run_id == locked,)
         stmt = (
             header.update()
-            .where(
-                header.c.run_id == run_id,
-                header.c.status == str(CheckpointStatus.ACTIVE),
-                header.c.epoch == epoch,
-                # re-checked at write time: a run whose owner came back (or that finished)
-                # since it was listed is left alone, and so is every run while the claimer's
-                # own heartbeats are late
-                self._unowned(stale_owners, judge=owner),
-            )
+            .where(*claimable)
             # updated_at moves too: a recovery pass that started before this claim will not
             # list the run again (its scan is bounded by updated_before).
             .values(

@@ -255,3 +255,30 @@ async def test_a_run_that_changed_between_listing_and_claim_is_left_alone(
         assert after is not None and after.status == CheckpointStatus.FAILED
     else:
         assert after is not None and after.owner == "P" and after.epoch == listed.epoch
+
+
+async def test_postgres_claims_skip_a_locked_run(pg_url: str) -> None:
+    """FOR UPDATE SKIP LOCKED: a run whose row another transaction holds (a peer claiming it,
+    its owner writing) is skipped at once, not waited for; once free it is claimed."""
+    import asyncpg
+
+    from executus_ckpt import SQLCheckpointStore
+
+    async with SQLCheckpointStore.open(pg_url) as store:
+        cp = await StoreCheckpointerFactory(store).begin(RunInfo("r"))  # no owner: interrupted
+        await cp.save(RunCheckpointState(messages=[{"m": 0}], iteration=1))
+        stored = await store.load("r")
+        assert stored is not None
+        holder = await asyncpg.connect(pg_url.replace("postgresql+asyncpg", "postgresql"))
+        try:
+            tx = holder.transaction()
+            await tx.start()
+            await holder.execute("SELECT 1 FROM run_checkpoints WHERE run_id = 'r' FOR UPDATE")
+            started = asyncio.get_running_loop().time()
+            assert await store.claim("r", epoch=stored.epoch, owner="bot-1") is None
+            assert asyncio.get_running_loop().time() - started < 5.0  # skipped, not waited
+            await tx.rollback()
+        finally:
+            await holder.close()
+        claimed = await store.claim("r", epoch=stored.epoch, owner="bot-1")
+        assert claimed is not None and claimed.owner == "bot-1"

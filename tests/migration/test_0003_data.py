@@ -16,6 +16,7 @@ against a database migrated by the next one").
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -44,6 +45,7 @@ from executus_ckpt import (
 
 REPO = Path(__file__).resolve().parents[2]
 PREVIOUS_RELEASE = "56556f1"
+PREVIOUS_REVISION = "dff9d67"  # schema 0004: the code this session's 0005 expanded
 """A commit before 0003 (its library requires revision 0002)."""
 
 _meta = sa.MetaData()
@@ -280,14 +282,14 @@ async def test_0002_rows_upgrade_resume_and_downgrade(empty_sql_url: str) -> Non
 # -- rolling deploy: the previous release's store against head ---------------------------------
 
 
-@pytest.fixture(scope="session")
-def previous_release() -> Iterator[Path]:
-    """The package of the previous release in a git worktree, removed at the end."""
+@contextlib.contextmanager
+def _worktree(revision: str) -> Iterator[Path]:
+    """The package at ``revision`` in a git worktree, removed at the end."""
     if shutil.which("git") is None or not (REPO / ".git").exists():
         pytest.skip("needs the git checkout of the repository")
     path = Path(tempfile.mkdtemp(prefix="executus_ckpt_prev_")) / "tree"
     subprocess.run(
-        ["git", "-C", str(REPO), "worktree", "add", "--detach", "-q", str(path), PREVIOUS_RELEASE],
+        ["git", "-C", str(REPO), "worktree", "add", "--detach", "-q", str(path), revision],
         check=True,
         capture_output=True,
     )
@@ -300,6 +302,20 @@ def previous_release() -> Iterator[Path]:
         )
         shutil.rmtree(path.parent, ignore_errors=True)
         subprocess.run(["git", "-C", str(REPO), "worktree", "prune"], capture_output=True)
+
+
+@pytest.fixture(scope="session")
+def previous_release() -> Iterator[Path]:
+    """The last landed release (schema 0002): it predates the compatibility mark."""
+    with _worktree(PREVIOUS_RELEASE) as tree:
+        yield tree
+
+
+@pytest.fixture(scope="session")
+def previous_revision() -> Iterator[Path]:
+    """The code of the previous schema revision (0004), which reads the compatibility mark."""
+    with _worktree(PREVIOUS_REVISION) as tree:
+        yield tree
 
 
 async def _previous_release_child(tree: Path, url: str, run_id: str) -> dict[str, Any]:
@@ -331,6 +347,19 @@ async def _previous_release_child(tree: Path, url: str, run_id: str) -> dict[str
 async def test_previous_release_store_keeps_working_on_head(
     sql_url: str, previous_release: Path
 ) -> None:
+    await _previous_code_round(sql_url, previous_release)
+
+
+@pytest.mark.timeout(120)
+async def test_previous_revision_store_keeps_working_on_head(
+    sql_url: str, previous_revision: Path
+) -> None:
+    """A rolling deploy across 0005: replicas still running the 0004 code (which reads the
+    compatibility mark) keep working on a database the new code migrated."""
+    await _previous_code_round(sql_url, previous_revision)
+
+
+async def _previous_code_round(sql_url: str, tree: Path) -> None:
     # A run the new code wrote, with a boundary, extra and inputs.
     async with SQLCheckpointStore.open(sql_url) as store:
         cp = await StoreCheckpointerFactory(store, throttle=0).begin(
@@ -339,7 +368,7 @@ async def test_previous_release_store_keeps_working_on_head(
         await cp.save(RunCheckpointState([{"role": "user", "content": "p"}], 1, ["plan"], {"t": 1}))
         await cp.aclose()
 
-    doc = await _previous_release_child(previous_release, sql_url, "new-run")
+    doc = await _previous_release_child(tree, sql_url, "new-run")
     if doc.get("refused") == "SchemaOutOfDateError":
         # What issue 12 item 5 is to fix: the previous release refuses a newer revision.
         raise SchemaOutOfDateError(doc["message"], required="0002")
