@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -47,6 +48,10 @@ class RecoveryReport:
         )
 
 
+SPREAD_CHUNK = 64
+"""Runs an :class:`Executor`'s pass takes in an order of its own (see ``spread``)."""
+
+
 async def recover_interrupted(
     store: CheckpointStore,
     dispatch: Dispatch,
@@ -61,6 +66,7 @@ async def recover_interrupted(
     stale_owners: bool = True,
     on_claim: Callable[[CheckpointSummary, RunCheckpoint], None] | None = None,
     exclude_owner: str | None = None,
+    spread: bool = False,
 ) -> RecoveryReport:
     """Re-dispatch the interrupted runs, oldest first; call once at service start.
 
@@ -101,6 +107,9 @@ async def recover_interrupted(
             (an :class:`Executor` counts rescues with it).
         stale_owners: take runs of executors whose heartbeat expired (an :class:`Executor`
             passes False until its own heartbeats have succeeded for ``stale_after``).
+        spread: claim each chunk of :data:`SPREAD_CHUNK` listed runs in an order of this
+            pass's own (seeded by ``owner``) instead of oldest first: replicas sweeping at
+            once then rarely race for the same run (an :class:`Executor` sets it).
 
     Only *interrupted* runs are taken: runs owned by a live :class:`Executor` (another
     replica) are left alone, here and again inside each claim's statement.
@@ -250,6 +259,21 @@ async def recover_interrupted(
         interrupted=True,
         stale_owners=stale_owners,
     )
+    chunk: list[CheckpointSummary] = []
+    order = random.Random(owner) if spread else None
+
+    async def launch_chunk() -> None:
+        if order is not None:
+            order.shuffle(chunk)
+        for summary in chunk:
+            await slots.acquire()
+            task = asyncio.get_running_loop().create_task(
+                recover_one(summary), name=f"executus_ckpt.recover:{summary.run_id}"
+            )
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        chunk.clear()
+
     try:
         async for summary in listing:
             if summary.run_id in seen:
@@ -262,12 +286,10 @@ async def recover_interrupted(
             if summary.suspect:
                 suspects.append(summary)  # dispatched alone, after the others
                 continue
-            await slots.acquire()
-            task = asyncio.get_running_loop().create_task(
-                recover_one(summary), name=f"executus_ckpt.recover:{summary.run_id}"
-            )
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
+            chunk.append(summary)
+            if order is None or len(chunk) >= SPREAD_CHUNK:
+                await launch_chunk()
+        await launch_chunk()
     except asyncio.CancelledError:
         await _close(listing)
         await _cancel_all(tasks)

@@ -108,6 +108,37 @@ async def test_dispatch_gets_claimed_checkpoints_oldest_first(store: Any) -> Non
     assert stored_during_dispatch == [1, 1, 1], "the attempt is stored before dispatch runs"
 
 
+async def test_spread_passes_take_each_run_once_in_an_order_of_their_own(store: Any) -> None:
+    """``spread`` (what an Executor's sweeps use): two passes racing over one backlog each
+    take runs in their own order (seeded by the owner), and every run is dispatched exactly
+    once between them."""
+    runs = [interrupted(f"r-{i:03d}", age=1000 - i) for i in range(150)]
+    await save_all(store, runs)
+    dispatched: dict[str, list[str]] = {"A": [], "B": []}
+
+    def dispatcher(owner: str) -> Any:
+        async def dispatch(cp: RunCheckpoint) -> None:
+            dispatched[owner].append(cp.run_id)
+            await asyncio.sleep(0)
+
+        return dispatch
+
+    reports = await asyncio.gather(
+        *(
+            recover_interrupted(store, dispatcher(o), owner=o, concurrency=8, spread=True)
+            for o in ("A", "B")
+        )
+    )
+    everything = dispatched["A"] + dispatched["B"]
+    assert sorted(everything) == [cp.run_id for cp in runs], "each run exactly once"
+    assert sum(len(r.dispatched) for r in reports) == len(runs)
+    oldest_first = [cp.run_id for cp in runs]
+    for owner, order in dispatched.items():
+        if len(order) > 10:
+            expected = [r for r in oldest_first if r in set(order)]
+            assert order != expected, f"{owner} took its runs oldest first"
+
+
 async def test_empty_store_and_bad_arguments(store: Any) -> None:
     report = await recover_interrupted(store, noop)
     assert report == RecoveryReport() and report.total == 0
