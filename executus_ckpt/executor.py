@@ -464,7 +464,7 @@ class Executor:
                     stale_owners=trusted,
                     on_claim=self._count_claim,
                     exclude_owner=self.id,
-                    spread=True,
+                    batch_claims=True,
                 )
             except CheckpointError as exc:
                 logger.warning(

@@ -198,6 +198,30 @@ class CheckpointStore(Protocol):
 
 
 @runtime_checkable
+class BatchClaimingStore(CheckpointStore, Protocol):
+    """A store that claims several interrupted runs in one statement (an :class:`Executor`'s
+    sweeps use it, so that replicas sweeping at once take different runs)."""
+
+    async def claim_interrupted(
+        self,
+        *,
+        limit: int,
+        owner: str | None,
+        stale_owners: bool = True,
+        exclude_owner: str | None = None,
+        agent_id: str | None = None,
+        older_than: float | None = None,
+    ) -> list[tuple[RunCheckpoint, str | None]]:
+        """Claim up to ``limit`` interrupted runs, oldest first, as :meth:`claim` claims one
+        (epoch and attempts raised, ``owner`` recorded, the claimer judged), skipping
+        suspects (runs claimed before with no progress since: they are claimed one at a
+        time) and runs of ``exclude_owner``; runs another claimer holds at that moment are
+        skipped, not waited for. Returns each claimed checkpoint with its previous owner;
+        ``[]`` when there is nothing to claim."""
+        ...
+
+
+@runtime_checkable
 class TailReadingStore(CheckpointStore, Protocol):
     """A store that reads the end of a transcript without loading all of it (a session's
     ``get_items(limit)``)."""

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 
 from . import telemetry
 from .config import DEFAULT_MAX_ATTEMPTS, DEFAULT_RECOVERY_CONCURRENCY
-from .protocols import CheckpointStore
+from .protocols import BatchClaimingStore, CheckpointStore
 from .types import CheckpointStatus, CheckpointSummary, RunCheckpoint
 
 logger = logging.getLogger(__name__)
@@ -48,10 +47,6 @@ class RecoveryReport:
         )
 
 
-SPREAD_CHUNK = 64
-"""Runs an :class:`Executor`'s pass takes in an order of its own (see ``spread``)."""
-
-
 async def recover_interrupted(
     store: CheckpointStore,
     dispatch: Dispatch,
@@ -66,7 +61,7 @@ async def recover_interrupted(
     stale_owners: bool = True,
     on_claim: Callable[[CheckpointSummary, RunCheckpoint], None] | None = None,
     exclude_owner: str | None = None,
-    spread: bool = False,
+    batch_claims: bool = False,
 ) -> RecoveryReport:
     """Re-dispatch the interrupted runs, oldest first; call once at service start.
 
@@ -107,9 +102,13 @@ async def recover_interrupted(
             (an :class:`Executor` counts rescues with it).
         stale_owners: take runs of executors whose heartbeat expired (an :class:`Executor`
             passes False until its own heartbeats have succeeded for ``stale_after``).
-        spread: claim each chunk of :data:`SPREAD_CHUNK` listed runs in an order of this
-            pass's own (seeded by ``owner``) instead of oldest first: replicas sweeping at
-            once then rarely race for the same run (an :class:`Executor` sets it).
+        batch_claims: on a :class:`~executus_ckpt.protocols.BatchClaimingStore`, claim the
+            non-suspect runs several at a time, oldest first, in one statement each
+            (``FOR UPDATE SKIP LOCKED`` on PostgreSQL) instead of listing them and claiming
+            each: replicas sweeping at once take different runs instead of racing for the
+            same ones (an :class:`Executor` sets it). Suspects are still claimed one at a
+            time, after the others. ``owner`` must be a registered, live executor: runs it
+            claims are then no longer interrupted for the next batch.
 
     Only *interrupted* runs are taken: runs owned by a live :class:`Executor` (another
     replica) are left alone, here and again inside each claim's statement.
@@ -122,6 +121,8 @@ async def recover_interrupted(
     """
     if max_attempts < 1 or concurrency < 1:
         raise ValueError("max_attempts and concurrency must be >= 1")
+    if batch_claims and owner is None:
+        raise ValueError("batch_claims needs the owner: a registered executor's id")
     # Runs this pass has seen: a run re-listed later in the scan (its updated_at moved when
     # it was claimed or re-registered) is not taken twice. (Not a time bound: updated_at is
     # written by many hosts' clocks, and a skewed one would hide runs.)
@@ -141,7 +142,9 @@ async def recover_interrupted(
         concurrency=concurrency,
     )
 
-    async def recover_one(summary: CheckpointSummary) -> None:
+    async def recover_one(summary: CheckpointSummary, claimed: RunCheckpoint | None = None) -> None:
+        """Claim the run (unless ``claimed`` already), then dead-letter, quarantine or
+        dispatch it."""
         run_id = summary.run_id
         claim = telemetry.operation(
             "claim",
@@ -154,7 +157,7 @@ async def recover_interrupted(
             outcome=None,
         )
         try:
-            checkpoint = await store.claim(
+            checkpoint = claimed or await store.claim(
                 run_id, epoch=summary.epoch, owner=owner, stale_owners=stale_owners
             )
             if checkpoint is not None and on_claim is not None:
@@ -259,24 +262,63 @@ async def recover_interrupted(
         interrupted=True,
         stale_owners=stale_owners,
     )
-    chunk: list[CheckpointSummary] = []
-    order = random.Random(owner) if spread else None
 
-    async def launch_chunk() -> None:
-        if order is not None:
-            order.shuffle(chunk)
-        for summary in chunk:
-            await slots.acquire()
-            task = asyncio.get_running_loop().create_task(
-                recover_one(summary), name=f"executus_ckpt.recover:{summary.run_id}"
-            )
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
-        chunk.clear()
+    def spawn(summary: CheckpointSummary, claimed: RunCheckpoint | None = None) -> None:
+        task = asyncio.get_running_loop().create_task(
+            recover_one(summary, claimed), name=f"executus_ckpt.recover:{summary.run_id}"
+        )
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    batched = batch_claims and isinstance(store, BatchClaimingStore)
+    remaining = limit
+
+    async def claim_batches() -> None:
+        """Claim free-slot-sized batches until nothing is left to claim."""
+        nonlocal remaining
+        assert isinstance(store, BatchClaimingStore)
+        while remaining is None or remaining > 0:
+            await slots.acquire()  # at least one run can start; take every other free slot
+            free = 1
+            while free < concurrency and not slots.locked():
+                await slots.acquire()
+                free += 1
+            if remaining is not None:
+                free_for_limit = min(free, remaining)
+                for _ in range(free - free_for_limit):
+                    slots.release()
+                free = free_for_limit
+            try:
+                claimed = await store.claim_interrupted(
+                    limit=free,
+                    owner=owner,
+                    stale_owners=stale_owners,
+                    exclude_owner=exclude_owner,
+                    agent_id=agent_id,
+                    older_than=older_than,
+                )
+            except BaseException:
+                for _ in range(free):
+                    slots.release()
+                raise
+            for _ in range(free - len(claimed)):
+                slots.release()
+            fresh = [c for c in claimed if c[0].run_id not in seen]
+            for checkpoint, previous_owner in claimed:
+                seen.add(checkpoint.run_id)
+                spawn(_claimed_summary(checkpoint, previous_owner), checkpoint)
+            if remaining is not None:
+                remaining -= len(claimed)
+            if not fresh:
+                return  # nothing left, or only runs this pass already had (released again)
 
     try:
+        if batched:
+            await claim_batches()
         async for summary in listing:
             if summary.run_id in seen:
+                if batched:
+                    continue  # claimed by this pass's batches
                 # The scan is in updated_at order: from here on it lists runs touched since
                 # the pass began (claimed, re-registered). They are the next pass's.
                 break
@@ -286,10 +328,10 @@ async def recover_interrupted(
             if summary.suspect:
                 suspects.append(summary)  # dispatched alone, after the others
                 continue
-            chunk.append(summary)
-            if order is None or len(chunk) >= SPREAD_CHUNK:
-                await launch_chunk()
-        await launch_chunk()
+            if batched:
+                continue  # not claimable when the batches ran (claimed elsewhere since)
+            await slots.acquire()
+            spawn(summary)
     except asyncio.CancelledError:
         await _close(listing)
         await _cancel_all(tasks)
@@ -342,6 +384,18 @@ async def recover_interrupted(
         action="recovery_pass",
     )
     return report
+
+
+def _claimed_summary(checkpoint: RunCheckpoint, previous_owner: str | None) -> CheckpointSummary:
+    """The summary a listing would have shown of a run claimed in a batch: before the claim
+    (its previous owner and epoch)."""
+    values = {
+        f.name: getattr(checkpoint, f.name)
+        for f in fields(CheckpointSummary)
+        if f.name not in ("message_count", "size_bytes")
+    }
+    values.update(owner=previous_owner, epoch=checkpoint.epoch - 1)
+    return CheckpointSummary(**values, message_count=len(checkpoint.messages), size_bytes=0)
 
 
 async def _close(listing: object) -> None:

@@ -276,6 +276,36 @@ class InMemoryCheckpointStore:
         row["updated_at"] = now
         return row.checkpoint()
 
+    async def claim_interrupted(
+        self,
+        *,
+        limit: int,
+        owner: str | None,
+        stale_owners: bool = True,
+        exclude_owner: str | None = None,
+        agent_id: str | None = None,
+        older_than: float | None = None,
+    ) -> list[tuple[RunCheckpoint, str | None]]:
+        """As the SQL store's (one process: the claims of one call are atomic)."""
+        check_text("owner", owner, None)
+        limit = check_tail_limit(limit, None)
+        rows = [
+            r
+            for r in self._select(CheckpointStatus.ACTIVE, agent_id, older_than, False)
+            if self._unowned(r, stale_owners, judge=owner)
+            and not r.summary().suspect
+            and (exclude_owner is None or r["owner"] != exclude_owner)
+        ]
+        claimed: list[tuple[RunCheckpoint, str | None]] = []
+        for row in rows[:limit]:
+            previous = row["owner"]
+            checkpoint = await self.claim(
+                row["run_id"], epoch=row["epoch"], owner=owner, stale_owners=stale_owners
+            )
+            if checkpoint is not None:
+                claimed.append((checkpoint, previous))
+        return claimed
+
     async def mark_dead(self, run_id: str, *, reason: str, epoch: int | None = None) -> bool:
         row = self._rows.get(run_id)
         if row is None or (epoch is not None and row["epoch"] > epoch):

@@ -678,6 +678,80 @@ class SQLCheckpointStore:
 
         return await self._write("claiming", run_id, op)
 
+    async def claim_interrupted(
+        self,
+        *,
+        limit: int,
+        owner: str | None,
+        stale_owners: bool = True,
+        exclude_owner: str | None = None,
+        agent_id: str | None = None,
+        older_than: float | None = None,
+    ) -> list[tuple[RunCheckpoint, str | None]]:
+        """Claim up to ``limit`` interrupted runs, oldest first, in one statement (see
+        :class:`~executus_ckpt.protocols.BatchClaimingStore`): ``FOR UPDATE SKIP LOCKED`` on
+        PostgreSQL, so concurrent claimers take different runs; one immediate write
+        transaction on SQLite."""
+        check_text("owner", owner, None)
+        limit = check_tail_limit(limit, None)
+        if limit == 0:
+            return []
+        suspect = and_(
+            header.c.claimed_at.is_not(None),
+            or_(header.c.progress_at.is_(None), header.c.progress_at <= header.c.claimed_at),
+        )
+        where = [
+            *self._filters(CheckpointStatus.ACTIVE, agent_id, older_than),
+            self._unowned(stale_owners, judge=owner),
+            ~suspect,
+        ]
+        if exclude_owner is not None:
+            where.append(or_(header.c.owner.is_(None), header.c.owner != exclude_owner))
+        picked = (
+            select(header.c.run_id, header.c.owner)
+            .where(*where)
+            .order_by(header.c.updated_at, header.c.run_id)
+            .limit(limit)
+        )
+        now = utcnow()
+        values = {
+            "attempts": _rows.attempts_after_claim(),
+            "claimed_at": now,
+            "epoch": header.c.epoch + 1,
+            "owner": owner,
+            "updated_at": now,
+        }
+
+        async def op(conn: AsyncConnection) -> list[tuple[RunCheckpoint, str | None]]:
+            if self._dialect == "postgresql":
+                chosen = picked.with_for_update(skip_locked=True).cte("chosen")
+                stmt = (
+                    header.update()
+                    .where(header.c.run_id == chosen.c.run_id)
+                    .values(**values)
+                    .returning(*_rows.SELECT, chosen.c.owner.label("previous_owner"))
+                )
+                rows = (await conn.execute(stmt)).all()
+                previous = {r.run_id: r.previous_owner for r in rows}
+            else:
+                # The write transaction holds SQLite's lock from its first statement (BEGIN
+                # IMMEDIATE): nobody writes between this read and the update.
+                previous = {r.run_id: r.owner for r in (await conn.execute(picked)).all()}
+                if not previous:
+                    return []
+                stmt = (
+                    header.update()
+                    .where(header.c.run_id.in_(list(previous)))
+                    .values(**values)
+                    .returning(*_rows.SELECT)
+                )
+                rows = (await conn.execute(stmt)).all()
+            rows = sorted(rows, key=lambda r: (r.updated_at, r.run_id))
+            stored = await self._messages_of(conn, [r.run_id for r in rows])
+            return [(_rows.checkpoint_of(r, stored[r.run_id]), previous[r.run_id]) for r in rows]
+
+        return await self._write("claiming interrupted runs", None, op)
+
     async def mark_dead(self, run_id: str, *, reason: str, epoch: int | None = None) -> bool:
         """Mark the run dead with ``reason`` as its last error (see the protocol)."""
         if not is_storable_id(run_id):
