@@ -200,8 +200,13 @@ async def test_zombie_rounds_randomized(sql_url: str, tmp_path: Path) -> None:
         spawn_end = max(e["t"] for e in fleet.of("ready")) + CHAOS + 2 + 0.5
 
         def settled() -> bool:
-            started = {e["run"] for e in fleet.of("started")}
-            return time.time() > spawn_end and started <= set(fleet.finished())
+            # A replica stopped just after deciding to start one more run starts it when
+            # continued, after spawn_end: wait until no run has started for longer than the
+            # longest stop, then until every started run has finished.
+            starts = fleet.of("started")
+            started = {e["run"] for e in starts}
+            quiet = time.time() - max((e["t"] for e in starts), default=0.0) > 2.5 * FAST["stale"]
+            return time.time() > spawn_end and quiet and started <= set(fleet.finished())
 
         with contextlib.suppress(AssertionError):  # what is unfinished is reported below
             await fleet.wait_for(settled, 60, "every started run to finish")
