@@ -155,7 +155,9 @@ async def migrate(url_or_engine: str | AsyncEngine, revision: str = "head") -> N
 
     Runs the migrations that ship with the package, so it works from an installed wheel. The
     version table is ``executus_ckpt_alembic_version``: a host's own alembic history is left
-    alone. An engine passed in is borrowed (left open); a URL gets a temporary engine.
+    alone. An engine passed in is borrowed (left open; its timeouts apply); a URL gets a
+    temporary engine that bounds connecting only, not the statements (a data migration of a
+    large database may run long).
     Concurrent calls against one PostgreSQL database (replicas migrating at boot) are
     serialized by an advisory lock; on SQLite by the write lock.
 
@@ -184,7 +186,14 @@ async def run_with_connection(
     (an advisory lock) or SQLite file (its write lock) across processes.
     """
     owned = isinstance(url_or_engine, str)
-    engine = create_engine(url_or_engine) if isinstance(url_or_engine, str) else url_or_engine
+    # A temporary engine of its own bounds connecting only: a data migration of a large
+    # database, or the wait for another replica's migration (the advisory lock), may take
+    # longer than the store's per-statement timeout.
+    engine = (
+        create_engine(url_or_engine, operation_timeout=None)
+        if isinstance(url_or_engine, str)
+        else url_or_engine
+    )
     try:
         preflight(engine)
         create_private_file(engine)

@@ -48,9 +48,10 @@ def create_engine(
     engine_options: dict[str, Any] | None = None,
     *,
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
-    operation_timeout: float = DEFAULT_OPERATION_TIMEOUT,
+    operation_timeout: float | None = DEFAULT_OPERATION_TIMEOUT,
 ) -> AsyncEngine:
-    """A new engine for ``url`` with the pool settings and timeouts the library relies on.
+    """A new engine for ``url`` with the pool settings and timeouts the library relies on
+    (``operation_timeout=None``: statements and pool checkouts are not bounded).
 
     A password given as ``?password=`` moves into the URL's password field, so that every
     rendering of the URL (SQLAlchemy's own included) masks it.

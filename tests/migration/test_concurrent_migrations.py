@@ -160,3 +160,22 @@ async def test_a_migration_cancelled_while_waiting_for_its_turn_leaves_none_held
         await _in_another_loop(empty_sql_url, "base")
         await migrate(empty_sql_url)
     await _assert_migrated(empty_sql_url)
+
+
+async def test_migrations_are_not_cut_by_the_statement_timeout(pg_empty_url: str) -> None:
+    """migrate(url) runs its statements without the store's per-statement timeout (asyncpg's
+    command_timeout, 30 s): a data migration of a large database, or a replica waiting on the
+    advisory lock behind another one's migration, may take longer. (SQLite has no statement
+    timeout; its busy timeout bounds the wait for a writer.)"""
+    from sqlalchemy import Connection
+
+    from executus_ckpt.migrate import run_with_connection
+
+    seen: list[object] = []
+
+    def inspect_timeout(connection: Connection) -> None:
+        driver = connection.connection.driver_connection
+        seen.append(driver._config.command_timeout)
+
+    await run_with_connection(pg_empty_url, inspect_timeout)
+    assert seen == [None]
