@@ -248,15 +248,24 @@ def boundary_update(new: Any) -> dict[str, Any]:
     }
 
 
-def attempts_after_claim() -> Any:
-    """A claim counts as a failed attempt only if the run made no progress (no save) since
-    its previous claim; after progress the count restarts at 1 (this claim)."""
-    progressed = and_(
+def _progressed() -> Any:
+    """The run reached a phase boundary (or was released) since its last claim."""
+    return and_(
         header.c.claimed_at.is_not(None),
         header.c.progress_at.is_not(None),
         header.c.progress_at > header.c.claimed_at,
     )
-    return case((progressed, 1), else_=header.c.attempts + 1)
+
+
+def attempts_after_claim() -> Any:
+    """A claim counts as a failed attempt only if the run made no progress (no save) since
+    its previous claim; after progress the count restarts at 1 (this claim)."""
+    return case((_progressed(), 1), else_=header.c.attempts + 1)
+
+
+def suspect() -> Any:
+    """Claimed before, and no progress since (``CheckpointSummary.suspect`` in SQL)."""
+    return and_(header.c.claimed_at.is_not(None), ~_progressed())
 
 
 def cutoff(older_than: float | None) -> datetime | None:

@@ -696,14 +696,10 @@ class SQLCheckpointStore:
         limit = check_tail_limit(limit, None)
         if limit == 0:
             return []
-        suspect = and_(
-            header.c.claimed_at.is_not(None),
-            or_(header.c.progress_at.is_(None), header.c.progress_at <= header.c.claimed_at),
-        )
         where = [
             *self._filters(CheckpointStatus.ACTIVE, agent_id, older_than),
             self._unowned(stale_owners, judge=owner),
-            ~suspect,
+            ~_rows.suspect(),
         ]
         if exclude_owner is not None:
             where.append(or_(header.c.owner.is_(None), header.c.owner != exclude_owner))
