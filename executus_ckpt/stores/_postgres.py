@@ -198,7 +198,10 @@ class PostgresBackend:
     def _dispatch(self) -> None:
         """Get a drainer onto the queue: wake a lingering one, or start one (up to
         ``parallel``)."""
-        if not self._wake_one() and len(self._drainers) < self._parallel:
+        # A drainer that has returned stays in the set until its done-callback runs: count
+        # only live ones, or an append queued in between would wait for nobody.
+        live = sum(1 for task in self._drainers if not task.done())
+        if not self._wake_one() and live < self._parallel:
             task = asyncio.get_running_loop().create_task(
                 self._drain(), name="executus_ckpt.pg_append"
             )
@@ -309,7 +312,14 @@ class PostgresBackend:
                     for append, future in batch:
                         if not future.done():
                             future.set_result(size if append.run_id in applied else 0)
-                if conn is None or not await self._linger():
+                if conn is not None and await self._linger():
+                    continue
+                # Idle: give the connection back to the pool. Appends queued while it is
+                # returned are taken by this drainer (_dispatch counts it as running).
+                if conn is not None:
+                    held, conn = conn, None
+                    await held.close()
+                if not self._queue:
                     return
         finally:
             if conn is not None:

@@ -303,3 +303,41 @@ async def test_sqlite_boundary_append_is_one_call(
 async def test_pg_boundary_appends_share_a_batch(pg_store: SQLCheckpointStore) -> None:
     await _appends_record_boundaries(pg_store, 1)  # one statement alone
     await _appends_record_boundaries(pg_store, 12)  # in batches
+
+
+async def test_pg_append_queued_while_every_drainer_gives_back_its_connection(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An append that arrives while both drainers are returning their connections to the
+    pool (idle after LINGER) is still sent at once: found in CI, where every run of a replica
+    waited for the operation timeout (30 s) and then failed with StoreUnavailableError.
+    Returning a connection is slowed here so that the window is wide enough to hit."""
+    from sqlalchemy.ext.asyncio import AsyncConnection
+
+    real_close = AsyncConnection.close
+    closing = 0
+
+    async def slow_close(self: AsyncConnection) -> None:
+        nonlocal closing
+        closing += 1
+        try:
+            await asyncio.sleep(0.3)
+            await real_close(self)
+        finally:
+            closing -= 1
+
+    async with SQLCheckpointStore.open(pg_url, operation_timeout=3.0) as store:
+        await asyncio.gather(store.save(cp("a", 1)), store.save(cp("b", 1)))
+        monkeypatch.setattr(AsyncConnection, "close", slow_close)
+        # Two appends at once start both drainers (one statement each).
+        await asyncio.gather(
+            store.append(cp("a", 2), base_count=1), store.append(cp("b", 2), base_count=1)
+        )
+        for _ in range(100):  # both idle past LINGER and returning their connections
+            if closing == 2:
+                break
+            await asyncio.sleep(0.005)
+        assert closing == 2
+        await store.append(cp("a", 3), base_count=2)  # StoreUnavailableError after 3 s if stalled
+        loaded = await store.load("a")
+        assert loaded is not None and loaded.messages == [{"n": k} for k in range(3)]
