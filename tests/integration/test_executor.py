@@ -282,3 +282,55 @@ async def test_postgres_claims_skip_a_locked_run(pg_url: str) -> None:
             await holder.close()
         claimed = await store.claim("r", epoch=stored.epoch, owner="bot-1")
         assert claimed is not None and claimed.owner == "bot-1"
+
+
+async def test_recover_applies_dead_letter_and_quarantine_rules(store: Any) -> None:
+    """executor.recover follows recover_interrupted's rules: a run over max_attempts is marked
+    dead and never dispatched, a run ``accept`` rejects is quarantined, the rest run."""
+    from executus_ckpt import recover_interrupted
+
+    await StoreCheckpointerFactory(store, app_version="v2").begin(RunInfo("poison"))
+
+    async def nothing(cp: RunCheckpoint) -> None:
+        return None
+
+    # One claim without progress (a boot that died in it): the budget of max_attempts=1 is spent.
+    assert (await recover_interrupted(store, nothing, max_attempts=1)).dispatched == ("poison",)
+    await StoreCheckpointerFactory(store, app_version="v1").begin(RunInfo("old"))
+    await StoreCheckpointerFactory(store, app_version="v2").begin(RunInfo("good"))
+    dispatched: list[str] = []
+
+    async def dispatch(cp: RunCheckpoint) -> None:
+        dispatched.append(cp.run_id)
+        async with checkpointed_run(ex.factory(), cp.run_info()):
+            pass
+
+    async with Executor(store, name="x", **FAST) as ex:
+        ex.recover(dispatch, max_attempts=1, accept=lambda cp: cp.app_version == "v2")
+
+        async def settled() -> bool:
+            rows = [await store.load(r) for r in ("poison", "old")]
+            return dispatched == ["good"] and all(
+                r is not None and r.status == CheckpointStatus.DEAD for r in rows
+            )
+
+        await _eventually(settled)
+    poison, old = await store.load("poison"), await store.load("old")
+    assert poison.last_error is not None and "max_attempts" in poison.last_error
+    assert old.last_error is not None and "quarantine" in old.last_error
+    assert await store.load("good") is None, "the accepted run ran and finished"
+    assert dispatched == ["good"], "neither the dead nor the quarantined run was dispatched"
+
+
+@pytest.mark.parametrize(
+    ("skew", "warned"), [(4.9, False), (-4.9, False), (5.1, True), (-5.1, True)]
+)
+def test_clock_skew_warns_above_five_seconds(
+    skew: float, warned: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The host-vs-database clock warning's threshold (the replica test uses 10 minutes)."""
+    from executus_ckpt import InMemoryCheckpointStore
+
+    caplog.set_level("WARNING", logger="executus_ckpt.executor")
+    Executor(InMemoryCheckpointStore(), name="x")._warn_on_skew(skew)
+    assert any("host clock differs" in r.getMessage() for r in caplog.records) is warned
