@@ -325,13 +325,33 @@ class StoreCheckpointer:
         return _Snapshot(self._seq, transcript, state.iteration, phases, state.extra)
 
     async def _write_through(self, seq: int) -> None:
-        """Make sure state ``seq`` (or a newer one) is written; finishes even if cancelled."""
-        task = asyncio.get_running_loop().create_task(
-            self._locked_write(seq), name=f"executus_ckpt.write:{self.run_id}"
+        """Make sure state ``seq`` (or a newer one) is written; finishes even if cancelled.
+
+        The write is a task of its own; the caller waits on a future that the task settles
+        in its last step (cancelling the caller cancels only that future). Like
+        ``asyncio.shield``, minus the event-loop turn of shield's done-callback.
+        """
+        loop = asyncio.get_running_loop()
+        outcome: asyncio.Future[None] = loop.create_future()
+        task = loop.create_task(
+            self._write_and_report(seq, outcome), name=f"executus_ckpt.write:{self.run_id}"
         )
         self._writes.add(task)
         task.add_done_callback(self._write_done)
-        await asyncio.shield(task)
+        await outcome
+
+    async def _write_and_report(self, seq: int, outcome: asyncio.Future[None]) -> None:
+        try:
+            await self._locked_write(seq)
+        except asyncio.CancelledError:
+            outcome.cancel()
+            raise
+        except BaseException as exc:
+            if not outcome.done():
+                outcome.set_exception(exc)
+            raise
+        if not outcome.done():
+            outcome.set_result(None)
 
     def _write_done(self, task: asyncio.Task[None]) -> None:
         self._writes.discard(task)
