@@ -208,6 +208,12 @@ class StoreCheckpointer:
         return self._epoch
 
     @property
+    def settled(self) -> bool:
+        """True once this writer is done with the run's row: deleted (complete/fail),
+        released by a shutdown, or fenced by a newer writer."""
+        return self._state in _FINISHED or self._state is _State.FENCED
+
+    @property
     def pending(self) -> bool:
         """True while a saved state is not yet written (throttled or in flight)."""
         return self._latest is not None and self._latest.seq > self._written_seq

@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from . import telemetry
-from .checkpointer import Sleep, StoreCheckpointerFactory
+from .checkpointer import Sleep, StoreCheckpointer, StoreCheckpointerFactory
 from .codec import MessageCodec
 from .config import (
     DEFAULT_DRAIN_GRACE,
@@ -201,7 +201,7 @@ class _ExecutorFactory(StoreCheckpointerFactory):
         checkpointer = await super().begin(info)
         task = asyncio.current_task()
         if task is not None:
-            self._executor._track(info.run_id, task)
+            self._executor._track(info.run_id, task, checkpointer)
         return checkpointer
 
 
@@ -259,6 +259,10 @@ class Executor:
         self._sweeper: asyncio.Task[None] | None = None
         self._begun: dict[str, asyncio.Task[Any]] = {}
         self._claimed: dict[str, int] = {}  # run id -> epoch of this executor's claim
+        # Recovered runs: the writer their dispatch began; the runs it left unfinished
+        # (run id -> epoch), handed back by the next sweep.
+        self._writers: dict[str, Checkpointer] = {}
+        self._orphans: dict[str, int] = {}
         self._recovered: set[asyncio.Task[None]] = set()
         self._drain_task: asyncio.Task[None] | None = None
         self._claims = 0
@@ -351,6 +355,10 @@ class Executor:
         one replica) and dispatches them as tasks this executor owns, with the dead-letter,
         quarantine and crash-loop rules of :func:`recover_interrupted`. ``dispatch`` should
         run the run to its end (typically ``checkpointed_run(executor.factory(), ...)``).
+        A dispatch that ends leaving its run active here (it raised outside
+        ``checkpointed_run``, never began the run, or its ``fail()`` could not reach the
+        database) has the run handed back at the next sweep, as a failed attempt: retried,
+        and dead after ``max_attempts`` without progress, never stranded under a live owner.
         Runs of a peer whose heartbeat expired are taken only once this executor's own
         heartbeats have succeeded for ``stale_after`` (after a database outage every peer
         looks stale until it beats again).
@@ -407,13 +415,54 @@ class Executor:
 
     # -- internals -------------------------------------------------------------------------
 
-    def _track(self, run_id: str, task: asyncio.Task[Any]) -> None:
+    def _track(self, run_id: str, task: asyncio.Task[Any], checkpointer: Checkpointer) -> None:
         self._begun[run_id] = task
+        self._writers[run_id] = checkpointer
         task.add_done_callback(lambda t, r=run_id: self._forget(r, t))  # type: ignore[misc]
 
     def _forget(self, run_id: str, task: asyncio.Task[Any]) -> None:
         if self._begun.get(run_id) is task:
             del self._begun[run_id]
+            self._writers.pop(run_id, None)
+
+    def _note_unfinished(self, checkpoint: RunCheckpoint) -> None:
+        """After a recovered run's dispatch ended: if it left the run active under this
+        executor (it never began it, or its writer neither finished, released nor was
+        fenced), remember it for the next sweep to hand back. A run owned by a live executor
+        is never interrupted: without this it would wait for this executor to stop."""
+        run_id = checkpoint.run_id
+        writer = self._writers.pop(run_id, None)
+        claimed = self._claimed.pop(run_id, None)
+        if self.state != "running":
+            return  # a drain releases every run this executor still owns
+        if writer is None:
+            epoch = claimed  # dispatched, never begun
+        elif isinstance(writer, StoreCheckpointer) and not writer.settled:
+            epoch = writer.epoch
+        else:
+            epoch = None
+        if epoch is not None:
+            self._orphans[run_id] = epoch
+
+    async def _hand_back_unfinished(self) -> None:
+        """Hand back (without progress: a failed attempt) the runs recovered dispatches left
+        unfinished; kept for the next sweep while the store is unavailable."""
+        for run_id, epoch in list(self._orphans.items()):
+            try:
+                handed = await self.store.release(run_id, epoch=epoch, progress=False)
+            except CheckpointError:
+                return
+            del self._orphans[run_id]
+            if handed:
+                telemetry.log(
+                    logger,
+                    logging.WARNING,
+                    "run %s was left unfinished by its dispatch; handed back for recovery",
+                    run_id,
+                    action="hand_back_run",
+                    run_id=run_id,
+                    executor_id=self.id,
+                )
 
     def _count_fenced(self, run_id: str) -> None:
         self._fenced += 1
@@ -452,6 +501,8 @@ class Executor:
         while self.state == "running":
             trusted = self._heartbeat.healthy_for() >= self.stale_after
             try:
+                if self._orphans:
+                    await self._hand_back_unfinished()
                 executors = await self.store.list_executors()
                 self._live_executors = sum(1 for e in executors if e.alive)
                 await recover_interrupted(
@@ -489,7 +540,7 @@ class Executor:
                 others = {t for t in self._recovered if not t.done()}
                 if others:
                     await asyncio.wait(others)
-                await dispatch(checkpoint)
+                await self._dispatch_one(dispatch, checkpoint)
                 return
             task = asyncio.get_running_loop().create_task(
                 self._run_recovered(dispatch, checkpoint),
@@ -500,9 +551,15 @@ class Executor:
 
         return launch
 
-    async def _run_recovered(self, dispatch: Dispatch, checkpoint: RunCheckpoint) -> None:
+    async def _dispatch_one(self, dispatch: Dispatch, checkpoint: RunCheckpoint) -> None:
         try:
             await dispatch(checkpoint)
+        finally:
+            self._note_unfinished(checkpoint)
+
+    async def _run_recovered(self, dispatch: Dispatch, checkpoint: RunCheckpoint) -> None:
+        try:
+            await self._dispatch_one(dispatch, checkpoint)
         except asyncio.CancelledError:
             raise
         except CheckpointFencedError:

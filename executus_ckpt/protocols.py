@@ -178,10 +178,14 @@ class CheckpointStore(Protocol):
         """
         ...
 
-    async def release(self, run_id: str, *, epoch: int) -> bool:
+    async def release(self, run_id: str, *, epoch: int, progress: bool = True) -> bool:
         """Hand back a run cut off by a graceful shutdown: owner cleared, epoch raised (its
         writer is fenced), and the release counts as progress, so the next recovery claim is
-        not a failed attempt. False if the run is gone, not active, or taken over since."""
+        not a failed attempt. False if the run is gone, not active, or taken over since.
+
+        ``progress=False``: the run is handed back without progress (its dispatch ended
+        without finishing it), so the next claim counts as a failed attempt.
+        """
         ...
 
     async def mark_failed(self, run_id: str, *, error: str, epoch: int | None = None) -> bool:

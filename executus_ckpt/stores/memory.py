@@ -332,13 +332,14 @@ class InMemoryCheckpointStore:
         row["claimed_at"] = None
         return True
 
-    async def release(self, run_id: str, *, epoch: int) -> bool:
+    async def release(self, run_id: str, *, epoch: int, progress: bool = True) -> bool:
         row = self._rows.get(run_id)
         if row is None or row["epoch"] > epoch or row["status"] != CheckpointStatus.ACTIVE:
             return False
         row["owner"] = None
         row["epoch"] += 1
-        row["progress_at"] = utcnow()
+        if progress:
+            row["progress_at"] = utcnow()
         return True
 
     async def mark_failed(self, run_id: str, *, error: str, epoch: int | None = None) -> bool:

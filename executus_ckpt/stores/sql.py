@@ -793,10 +793,13 @@ class SQLCheckpointStore:
 
         return await self._write("requeueing", run_id, op)
 
-    async def release(self, run_id: str, *, epoch: int) -> bool:
+    async def release(self, run_id: str, *, epoch: int, progress: bool = True) -> bool:
         """Hand a run cut off by a graceful shutdown back for recovery (see the protocol)."""
         if not is_storable_id(run_id):
             return False
+        released: dict[str, Any] = {"owner": None, "epoch": header.c.epoch + 1}
+        if progress:
+            released["progress_at"] = utcnow()
         stmt = (
             header.update()
             .where(
@@ -804,7 +807,7 @@ class SQLCheckpointStore:
                 header.c.epoch <= epoch,
                 header.c.status == str(CheckpointStatus.ACTIVE),
             )
-            .values(owner=None, epoch=header.c.epoch + 1, progress_at=utcnow())
+            .values(**released)
         )
 
         async def op(conn: AsyncConnection) -> bool:

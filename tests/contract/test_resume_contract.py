@@ -276,3 +276,20 @@ async def test_graceful_shutdowns_never_count_as_failed_attempts(store: Any) -> 
         assert report.dispatched == ("deployed",) and not report.dead
     row = await store.load("deployed")
     assert row.status == CheckpointStatus.ACTIVE and row.attempts == 1
+
+
+async def test_a_release_without_progress_counts_as_a_failed_attempt(store: Any) -> None:
+    """``release(progress=False)`` (a dispatch that ended without finishing its run) hands
+    the run back like a release, but the next claim counts as a failed attempt."""
+    await StoreCheckpointerFactory(store).begin(RunInfo("r"))
+    claimed = await store.claim("r", epoch=(await store.load("r")).epoch, owner=None)
+    assert claimed is not None and claimed.attempts == 1
+    assert await store.release("r", epoch=claimed.epoch, progress=False)
+    row = await store.load("r")
+    assert row.owner is None and row.epoch == claimed.epoch + 1
+    again = await store.claim("r", epoch=row.epoch, owner=None)
+    assert again is not None and again.attempts == 2, "no progress since the previous claim"
+    assert await store.release("r", epoch=again.epoch)  # a graceful release is progress
+    third = await store.claim("r", epoch=again.epoch + 1, owner=None)
+    assert third is not None and third.attempts == 1
+    assert not await store.release("r", epoch=again.epoch, progress=False), "fenced"

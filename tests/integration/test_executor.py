@@ -334,3 +334,53 @@ def test_clock_skew_warns_above_five_seconds(
     caplog.set_level("WARNING", logger="executus_ckpt.executor")
     Executor(InMemoryCheckpointStore(), name="x")._warn_on_skew(skew)
     assert any("host clock differs" in r.getMessage() for r in caplog.records) is warned
+
+
+async def test_a_recovered_run_left_unfinished_by_its_dispatch_is_retried_then_dead(
+    store: Any,
+) -> None:
+    """A dispatch that ends without finishing or handing back its run (it raised outside
+    checkpointed_run, or its fail() could not reach the database) leaves the run owned by a
+    live executor: nobody else may take it. The executor hands it back at its next sweep,
+    counted as a failed attempt (no progress), so it is retried and, if it never makes
+    progress, dead after max_attempts, instead of stranded until the executor stops."""
+    first = await StoreCheckpointerFactory(store).begin(RunInfo("stuck"))
+    await first.save(RunCheckpointState(messages=[{"m": 0}], iteration=1))
+    attempts: list[int] = []
+
+    async with Executor(store, name="x", **FAST) as ex:
+
+        async def dispatch(cp: RunCheckpoint) -> None:
+            attempts.append(cp.attempts)
+            await ex.factory().begin(cp.run_info())
+            raise RuntimeError("the host's own dispatch gave up")
+
+        ex.recover(dispatch, max_attempts=2)
+
+        async def dead() -> bool:
+            row = await store.load("stuck")
+            return row is not None and row.status == CheckpointStatus.DEAD
+
+        await _eventually(dead, within=8)
+    assert attempts == [1, 2], attempts
+
+
+async def test_a_begun_run_outlives_the_task_that_began_it(store: Any) -> None:
+    """Runs begun through executor.factory are never handed back while the executor runs,
+    even after the task that began them ended: a host may hand the writer to another task
+    (begin in a request handler, run in the background). Only recovered runs, whose
+    dispatch the executor awaits, are handed back when their dispatch ends unfinished."""
+    async with Executor(store, name="x", **FAST) as ex:
+        ex.recover(lambda cp: asyncio.sleep(0))
+
+        async def begin() -> Any:
+            cp = await ex.factory().begin(RunInfo("handed-on"))
+            await cp.save(RunCheckpointState(messages=[{"m": 0}], iteration=1))
+            return cp
+
+        cp = await asyncio.create_task(begin())
+        await asyncio.sleep(10 * FAST["sweep_interval"])  # several sweeps
+        await cp.save(RunCheckpointState(messages=[{"m": 0}, {"m": 1}], iteration=2))
+        row = await store.load("handed-on")
+        assert row is not None and row.owner == ex.id and row.iteration == 2
+        await cp.complete()
