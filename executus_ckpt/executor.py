@@ -577,8 +577,14 @@ class Executor:
                 extra={"action": "dispatch_failed", "run_id": checkpoint.run_id},
                 exc_info=exc,
             )
-            with contextlib.suppress(CheckpointError):
-                await self.store.record_error(checkpoint.run_id, f"{type(exc).__name__}: {exc}")
+            # Only for a run this executor still holds (handed back at the next sweep): a
+            # run finished, kept as failed or taken over since keeps its own last error.
+            epoch = self._orphans.get(checkpoint.run_id)
+            if epoch is not None:
+                with contextlib.suppress(CheckpointError):
+                    await self.store.record_error(
+                        checkpoint.run_id, f"{type(exc).__name__}: {exc}", epoch=epoch
+                    )
 
     async def _drain(self, grace: float, caller: asyncio.Task[Any] | None) -> None:
         op = telemetry.operation(

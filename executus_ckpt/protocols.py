@@ -196,8 +196,9 @@ class CheckpointStore(Protocol):
         """
         ...
 
-    async def record_error(self, run_id: str, error: str) -> bool:
-        """Store ``error`` as the run's last error (status unchanged); True if the run exists."""
+    async def record_error(self, run_id: str, error: str, *, epoch: int | None = None) -> bool:
+        """Store ``error`` as the run's last error (status unchanged); True if it was stored.
+        With ``epoch``, a run taken over since (a newer epoch) is left alone."""
         ...
 
 

@@ -314,9 +314,9 @@ class InMemoryCheckpointStore:
         row["last_error"] = clean_text(reason)
         return True
 
-    async def record_error(self, run_id: str, error: str) -> bool:
+    async def record_error(self, run_id: str, error: str, *, epoch: int | None = None) -> bool:
         row = self._rows.get(run_id)
-        if row is None:
+        if row is None or (epoch is not None and row["epoch"] > epoch):
             return False
         row["last_error"] = clean_text(error)
         return True

@@ -765,11 +765,13 @@ class SQLCheckpointStore:
 
         return await self._write("marking dead", run_id, op)
 
-    async def record_error(self, run_id: str, error: str) -> bool:
-        """Store ``error`` as the run's last error; True if the run exists."""
+    async def record_error(self, run_id: str, error: str, *, epoch: int | None = None) -> bool:
+        """Store ``error`` as the run's last error (see the protocol)."""
         if not is_storable_id(run_id):
             return False
         stmt = header.update().where(header.c.run_id == run_id).values(last_error=clean_text(error))
+        if epoch is not None:
+            stmt = stmt.where(header.c.epoch <= epoch)
 
         async def op(conn: AsyncConnection) -> bool:
             return bool((await conn.execute(stmt)).rowcount)

@@ -873,6 +873,17 @@ async def test_mark_dead(store: Any) -> None:
     assert loaded.status == CheckpointStatus.DEAD and loaded.last_error == "current"
 
 
+async def test_record_error_with_an_epoch_spares_a_run_taken_over_since(store: Any) -> None:
+    await store.save(make("rf", iteration=1))
+    await store.register(make("rf"))  # taken over: epoch 1
+    assert await store.record_error("rf", "a zombie's error", epoch=0) is False
+    loaded = await store.load("rf")
+    assert loaded is not None and loaded.last_error is None
+    assert await store.record_error("rf", "the owner's error", epoch=1) is True
+    loaded = await store.load("rf")
+    assert loaded is not None and loaded.last_error == "the owner's error"
+
+
 async def test_record_error_keeps_status(store: Any) -> None:
     await store.save(make("re", iteration=2))
     assert await store.record_error("re", "TimeoutError: model call") is True

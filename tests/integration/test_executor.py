@@ -363,6 +363,8 @@ async def test_a_recovered_run_left_unfinished_by_its_dispatch_is_retried_then_d
 
         await _eventually(dead, within=8)
     assert attempts == [1, 2], attempts
+    row = await store.load("stuck")
+    assert "RuntimeError: the host's own dispatch gave up" in (row.last_error or ""), row
 
 
 async def test_a_begun_run_outlives_the_task_that_began_it(store: Any) -> None:
