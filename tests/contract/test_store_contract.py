@@ -429,6 +429,32 @@ async def test_wrong_base_count_still_stores_exactly_the_given_transcript(store:
     assert await store.load("wb") is None
 
 
+async def test_append_stores_a_changed_identity(store: Any) -> None:
+    """An append whose meta or app version differ from what is stored writes them, whether
+    the meta is a new object or the same one."""
+    first = make("ident", messages=[{"m": 0}], agent_name="a", app_version="v1")
+    await store.save(first)
+    second = make("ident", messages=[{"m": 0}, {"m": 1}], agent_name="a", app_version="v1")
+    await store.append(second, base_count=1)  # a new but equal meta object
+    third = make("ident", messages=[{"m": k} for k in range(3)], agent_name="b", app_version="v1")
+    await store.append(third, base_count=2)
+    loaded = await store.load("ident")
+    assert loaded is not None and loaded.meta.agent_name == "b" and loaded.app_version == "v1"
+    same = RunCheckpoint(
+        meta=third.meta, messages=[{"m": k} for k in range(4)], iteration=4, app_version="v2"
+    )
+    await store.append(same, base_count=3)  # the same meta object, a new app version
+    loaded = await store.load("ident")
+    assert loaded is not None and loaded.app_version == "v2" and loaded.iteration == 4
+    again = RunCheckpoint(
+        meta=third.meta, messages=[{"m": k} for k in range(5)], iteration=5, app_version="v2"
+    )
+    await store.append(again, base_count=4)  # identity unchanged: progress only
+    loaded = await store.load("ident")
+    assert loaded is not None and loaded.meta == third.meta and loaded.app_version == "v2"
+    assert loaded.messages == [{"m": k} for k in range(5)] and loaded.iteration == 5
+
+
 async def test_append_after_take_over_and_fencing(store: Any) -> None:
     msgs = transcript(3)
     await store.save(make("ap", messages=msgs, iteration=1))
