@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -34,6 +35,12 @@ async def test_run_demo_recovers_every_killed_run(tmp_path: Path) -> None:
     assert lines[-1].split() == ["result:", "OK"]
     assert "PROBLEM" not in text
     assert "skipped (completed before the crash)" in text
+    # every resumed run prints the boundary it continues from
+    resumed = [line for line in lines if "from its last phase boundary:" in line]
+    assert len(resumed) == summary.recovered, resumed
+    assert all(
+        re.search(r"\d+ phases done, iteration \d+, \d+ of \d+ messages", r) for r in resumed
+    )
 
 
 async def test_run_demo_recreates_its_database(tmp_path: Path) -> None:
