@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import logging
 import math
 import time
@@ -63,6 +64,18 @@ def _as_clock(clock: Clock | Callable[[], float] | None, sleep: Sleep | None) ->
 
 MAX_RETRY_DELAY = 30.0
 """Longest wait, in seconds, between retries of a failed trailing flush."""
+
+
+def _settle_outcome(outcome: asyncio.Future[None], task: asyncio.Task[None]) -> None:
+    """Settle a write's outcome from its finished task, if the task did not."""
+    if outcome.done():
+        return
+    if task.cancelled():
+        outcome.cancel()
+    elif (exc := task.exception()) is not None:
+        outcome.set_exception(exc)
+    else:
+        outcome.set_result(None)
 
 
 class _State(enum.Enum):
@@ -344,6 +357,8 @@ class StoreCheckpointer:
         )
         self._writes.add(task)
         task.add_done_callback(self._write_done)
+        # normally settled by the task itself; this covers a task cancelled before it ran
+        task.add_done_callback(functools.partial(_settle_outcome, outcome))
         await outcome
 
     async def _write_and_report(self, seq: int, outcome: asyncio.Future[None]) -> None:

@@ -118,6 +118,19 @@ async def test_cancelled_save_still_finishes_its_write() -> None:
     assert await store.load("run-1") is None
 
 
+async def test_a_write_task_cancelled_before_it_starts_cancels_its_save() -> None:
+    """The save waits on the write task's outcome: a write task cancelled before its first
+    step (loop shutdown, a host cancelling every task) must not leave the save waiting."""
+    cp = new_checkpointer(InMemoryCheckpointStore(), META, throttle=0)
+    saving = asyncio.ensure_future(cp.save(state(1)))
+    await asyncio.sleep(0)  # the save has created its write task, which has not run yet
+    writes = [t for t in asyncio.all_tasks() if t.get_name().startswith("executus_ckpt.write")]
+    assert len(writes) == 1
+    writes[0].cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(saving, 2)
+
+
 # -- finalize ---------------------------------------------------------------------------------
 
 
