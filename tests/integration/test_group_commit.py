@@ -341,3 +341,56 @@ async def test_pg_append_queued_while_every_drainer_gives_back_its_connection(
         await store.append(cp("a", 3), base_count=2)  # StoreUnavailableError after 3 s if stalled
         loaded = await store.load("a")
         assert loaded is not None and loaded.messages == [{"n": k} for k in range(3)]
+
+
+async def test_pg_drainers_under_random_interleavings(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Seeded stress of the append drainers: 24 runs append with pauses around LINGER (so
+    drainers keep going idle, lingering, being woken and returning connections, whose return
+    is slowed at random), and some appends are cancelled mid-way. Every append that is not
+    cancelled returns within the operation timeout, and each run ends holding exactly its
+    last acknowledged state."""
+    import random
+
+    from sqlalchemy.ext.asyncio import AsyncConnection
+
+    from executus_ckpt.stores import _postgres
+
+    rng = random.Random(20261207)
+    real_close = AsyncConnection.close
+
+    async def jittery_close(self: AsyncConnection) -> None:
+        await asyncio.sleep(rng.uniform(0, 0.02))
+        await real_close(self)
+
+    monkeypatch.setattr(AsyncConnection, "close", jittery_close)
+    linger = _postgres.LINGER
+
+    async with SQLCheckpointStore.open(pg_url, operation_timeout=10.0) as store:
+
+        async def run(i: int) -> tuple[str, set[int]]:
+            run_id = f"s{i}"
+            await store.save(cp(run_id, 1))
+            acknowledged, cancelled = 1, []
+            for n in range(2, 17):
+                await asyncio.sleep(rng.uniform(0, 3 * linger))
+                attempt = asyncio.create_task(store.append(cp(run_id, n), base_count=acknowledged))
+                if rng.random() < 0.1:
+                    await asyncio.sleep(rng.uniform(0, 0.002))
+                    attempt.cancel()
+                try:
+                    await attempt
+                except asyncio.CancelledError:
+                    cancelled.append(n)  # applied or not: the next append's guard finds out
+                    continue
+                acknowledged, cancelled = n, []
+            # what may be stored: the last acknowledged state, or a cancelled one after it
+            return run_id, {acknowledged, *cancelled}
+
+        async with asyncio.timeout(60):
+            results = await asyncio.gather(*(run(i) for i in range(24)))
+        for run_id, possible in results:
+            loaded = await store.load(run_id)
+            assert loaded is not None and len(loaded.messages) in possible, (run_id, possible)
+            assert loaded.messages == [{"n": k} for k in range(len(loaded.messages))], run_id
