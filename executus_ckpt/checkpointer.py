@@ -67,7 +67,8 @@ MAX_RETRY_DELAY = 30.0
 
 
 def _settle_outcome(outcome: asyncio.Future[None], task: asyncio.Task[None]) -> None:
-    """Settle a write's outcome from its finished task, if the task did not."""
+    """Settle a write's outcome from its finished task (a failure or a cancellation; a
+    success settles it from the task itself, a loop turn sooner)."""
     if outcome.done():
         return
     if task.cancelled():
@@ -346,9 +347,10 @@ class StoreCheckpointer:
     async def _write_through(self, seq: int) -> None:
         """Make sure state ``seq`` (or a newer one) is written; finishes even if cancelled.
 
-        The write is a task of its own; the caller waits on a future that the task settles
-        in its last step (cancelling the caller cancels only that future). Like
-        ``asyncio.shield``, minus the event-loop turn of shield's done-callback.
+        The write is a task of its own; the caller waits on a future that a successful
+        task settles in its last step (cancelling the caller cancels only that future). Like
+        ``asyncio.shield``, minus the event-loop turn of shield's done-callback on the
+        common path; a failed or cancelled write settles it from its done-callback.
         """
         loop = asyncio.get_running_loop()
         outcome: asyncio.Future[None] = loop.create_future()
@@ -357,20 +359,11 @@ class StoreCheckpointer:
         )
         self._writes.add(task)
         task.add_done_callback(self._write_done)
-        # normally settled by the task itself; this covers a task cancelled before it ran
         task.add_done_callback(functools.partial(_settle_outcome, outcome))
         await outcome
 
     async def _write_and_report(self, seq: int, outcome: asyncio.Future[None]) -> None:
-        try:
-            await self._locked_write(seq)
-        except asyncio.CancelledError:
-            outcome.cancel()
-            raise
-        except BaseException as exc:
-            if not outcome.done():
-                outcome.set_exception(exc)
-            raise
+        await self._locked_write(seq)
         if not outcome.done():
             outcome.set_result(None)
 

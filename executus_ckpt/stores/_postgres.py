@@ -312,11 +312,11 @@ class PostgresBackend:
                     for append, future in batch:
                         if not future.done():
                             future.set_result(size if append.run_id in applied else 0)
-                if conn is not None and await self._linger():
-                    continue
-                # Idle: give the connection back to the pool. Appends queued while it is
-                # returned are taken by this drainer (_dispatch counts it as running).
                 if conn is not None:
+                    if await self._linger():
+                        continue
+                    # Idle: give the connection back to the pool. Appends queued while it
+                    # is returned are taken by this drainer (_dispatch counts it as running).
                     held, conn = conn, None
                     await held.close()
                 if not self._queue:
