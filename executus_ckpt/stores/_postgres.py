@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -24,6 +25,8 @@ from ..schema import run_checkpoint_messages as messages_table
 from . import _rows
 from ._backend import Append, Operation, T, boundary_sets, checkout_listeners
 from ._errors import is_bad_data
+
+logger = logging.getLogger(__name__)
 
 _H = _rows.header.name
 _M = messages_table.name
@@ -121,20 +124,35 @@ async def _append_batch(connection: Any, batch: Sequence[Append]) -> set[str]:
 
 
 LINGER = 0.005
-"""Seconds an append drainer keeps its connection once the queue is empty: an append that
-follows right behind (a run's next save) reuses it instead of checking one out of
-SQLAlchemy's pool again (about 0.1 ms of event-loop CPU, a quarter of a save's)."""
+"""Seconds a connection is kept after its last append: an append that follows right behind
+(a run's next save) reuses it instead of checking one out of SQLAlchemy's pool again (about
+0.1 ms of event-loop CPU, a quarter of a save's)."""
+
+
+class _Held:
+    """A pooled connection kept between appends (its asyncpg connection is used outside any
+    transaction: each statement commits on its own)."""
+
+    __slots__ = ("conn", "driver", "listeners", "parked_at")
+
+    def __init__(self, conn: AsyncConnection, driver: Any, listeners: tuple[Any, ...]) -> None:
+        self.conn = conn
+        self.driver = driver
+        self.listeners = listeners
+        self.parked_at = 0.0
 
 
 class PostgresBackend:
-    """Writes in pooled transactions; appends group-committed by up to ``parallel`` drainers.
+    """Writes in pooled transactions; appends as one statement each, group-committed when
+    they overlap.
 
-    Up to ``parallel`` drainer tasks, owned here, each send whatever is queued as one
-    statement (on its own connection, kept while appends keep coming) and resolve each caller
-    with whether its guard matched; appends that arrive meanwhile form the next batch. A lone
-    append is one statement. Two appends of one run never share a batch (in parallel batches
-    the second one's guard fails on the row the first one changed, and it is rewritten in
-    full: never a mix).
+    An append that finds nothing else in flight is sent at once by its caller, on a
+    connection kept from the previous append (:data:`LINGER`). Appends that arrive while
+    statements are running queue up; up to ``parallel`` drainer tasks, owned here, each send
+    whatever is queued as one statement and resolve each caller with whether its guard
+    matched. At most ``parallel`` statements run at once. Two appends of one run never share
+    a batch (in parallel batches the second one's guard fails on the row the first one
+    changed, and it is rewritten in full: never a mix).
     """
 
     def __init__(self, engine: AsyncEngine, *, max_batch: int = 64, parallel: int = 2) -> None:
@@ -145,8 +163,11 @@ class PostgresBackend:
         # it (for telemetry), or 0 if its guard failed.
         self._queue: deque[tuple[Append, asyncio.Future[int]]] = deque()
         self._drainers: set[asyncio.Task[None]] = set()
-        self._busy = 0  # drainers running a statement
-        self._idle: deque[asyncio.Future[None]] = deque()  # lingering drainers' wake-ups
+        self._busy = 0  # statements running (drainers' batches and callers' own appends)
+        self._direct = 0  # callers sending their own append
+        self._parked: list[_Held] = []  # kept connections, most recently used last
+        self._expiry: asyncio.TimerHandle | None = None
+        self._returning: set[asyncio.Task[None]] = set()  # kept connections going back
         self._closing = False
         self._writes: set[asyncio.Task[Any]] = set()
 
@@ -173,6 +194,14 @@ class PostgresBackend:
                 yield conn
 
     async def append(self, append: Append) -> bool:
+        if not self._queue and not self._busy and self._parked and not self._closing:
+            # Nothing else in flight: send it from here (no hop through a drainer task).
+            # Cancelling the caller interrupts the statement, which then may or may not be
+            # applied, as with a cancelled queued append: the next guard finds out.
+            if await self._send_own(append):
+                telemetry.note_batch(1)
+                return True
+            return False
         loop = asyncio.get_running_loop()
         future: asyncio.Future[int] = loop.create_future()
         self._queue.append((append, future))
@@ -187,51 +216,49 @@ class PostgresBackend:
     async def aclose(self) -> None:
         self._closing = True
         try:
-            while self._wake_one():
-                pass
             pending = self._drainers | self._writes
             if pending:
                 await asyncio.wait(pending)
+            self._expire(everything=True)
+            if self._returning:
+                await asyncio.wait(set(self._returning))
         finally:
             self._closing = False
 
+    async def _send_own(self, append: Append) -> bool:
+        held: _Held | None = None
+        self._busy += 1
+        self._direct += 1
+        try:
+            held = await self._ready(self._parked.pop())
+            ok = await _append_one(held.driver, append)
+        except BaseException as exc:
+            if held is not None and not _reusable(exc):
+                self._let_go(held.conn, broken=True)
+                held = None
+            raise
+        finally:
+            self._busy -= 1
+            self._direct -= 1
+            if held is not None:
+                self._park(held)
+            if self._queue:
+                self._dispatch()  # appends that arrived meanwhile
+        telemetry.record_batch("postgresql", 1)
+        return ok
+
     def _dispatch(self) -> None:
-        """Get a drainer onto the queue: wake a lingering one, or start one (up to
-        ``parallel``)."""
+        """Start a drainer for the queue, up to ``parallel`` statements at once (callers
+        sending their own append count)."""
         # A drainer that has returned stays in the set until its done-callback runs: count
         # only live ones, or an append queued in between would wait for nobody.
         live = sum(1 for task in self._drainers if not task.done())
-        if not self._wake_one() and live < self._parallel:
+        if live + self._direct < self._parallel:
             task = asyncio.get_running_loop().create_task(
                 self._drain(), name="executus_ckpt.pg_append"
             )
             self._drainers.add(task)
             task.add_done_callback(self._drainers.discard)
-
-    def _wake_one(self) -> bool:
-        """Wake a lingering drainer; False if none was lingering."""
-        while self._idle:
-            wake = self._idle.popleft()
-            if not wake.done():
-                wake.set_result(None)
-                return True
-        return False
-
-    async def _linger(self) -> bool:
-        """Wait up to :data:`LINGER` seconds for another append; True if one is queued."""
-        if self._closing:
-            return bool(self._queue)
-        loop = asyncio.get_running_loop()
-        wake: asyncio.Future[None] = loop.create_future()
-        self._idle.append(wake)
-        timer = loop.call_later(LINGER, _wake, wake)
-        try:
-            await wake
-        finally:
-            timer.cancel()
-            if wake in self._idle:
-                self._idle.remove(wake)
-        return bool(self._queue)
 
     def _take(self) -> list[tuple[Append, asyncio.Future[int]]]:
         """The next batch: an even share of the queue among the drainers not running a
@@ -253,82 +280,125 @@ class PostgresBackend:
         return batch
 
     async def _drain(self) -> None:
-        # A pooled connection, kept while appends keep coming; its asyncpg connection is used
-        # outside any transaction (each statement commits on its own).
-        conn: AsyncConnection | None = None
-        driver: Any = None
-        listeners: tuple[Any, ...] = ()
+        held: _Held | None = None
         try:
-            while True:
-                while self._queue:
-                    batch = self._take()
-                    if self._queue:
-                        self._dispatch()  # another drainer for the rest
-                    self._busy += 1
-                    try:
-                        if conn is not None:
-                            # Closed by the server or the network while held (the pool's
-                            # checkout check would have caught it), or checkout listeners
-                            # that have not seen it: check one out again.
-                            closed = driver.is_closed()
-                            if closed or checkout_listeners(self._engine) != listeners:
-                                held, conn = conn, None
-                                await (_invalidate(held) if closed else held.close())
-                        if conn is None:
-                            listeners = checkout_listeners(self._engine)
-                            conn = await self._engine.connect()
-                            driver = (await conn.get_raw_connection()).driver_connection
-                        if len(batch) == 1:
-                            first = batch[0][0]
-                            ok = await _append_one(driver, first)
-                            applied = {first.run_id} if ok else set()
-                        else:
-                            applied = await _append_batch(driver, [a for a, _ in batch])
-                    except asyncio.CancelledError:
+            while self._queue:
+                batch = self._take()
+                if self._queue:
+                    self._dispatch()  # another drainer for the rest
+                self._busy += 1
+                try:
+                    if held is None and self._parked:
+                        held = self._parked.pop()
+                    kept, held = held, None  # _ready owns it until it returns
+                    held = await self._ready(kept)
+                    if len(batch) == 1:
+                        first = batch[0][0]
+                        ok = await _append_one(held.driver, first)
+                        applied = {first.run_id} if ok else set()
+                    else:
+                        applied = await _append_batch(held.driver, [a for a, _ in batch])
+                except BaseException as exc:
+                    if held is not None and not _reusable(exc):
+                        self._let_go(held.conn, broken=True)
+                        held = None
+                    if isinstance(exc, asyncio.CancelledError):
                         for _, future in [*batch, *self._queue]:
                             if not future.done():
                                 future.cancel()
                         self._queue.clear()
-                        if conn is not None:  # a statement may be in flight: drop it
-                            held, conn = conn, None
-                            await _invalidate(held)
                         raise
-                    except BaseException as exc:
-                        if conn is not None and not is_bad_data(exc):
-                            # The pool cannot see errors raised past SQLAlchemy: drop the
-                            # connection rather than hand it out again in an unknown state.
-                            held, conn = conn, None
-                            await _invalidate(held)
-                        for _, future in batch:
-                            if not future.done():
-                                future.set_exception(exc)
-                        if not isinstance(exc, Exception):
-                            raise
-                        continue
-                    finally:
-                        self._busy -= 1
-                    size = len(batch)
-                    telemetry.record_batch("postgresql", size)
-                    for append, future in batch:
+                    for _, future in batch:
                         if not future.done():
-                            future.set_result(size if append.run_id in applied else 0)
-                if conn is not None:
-                    if await self._linger():
-                        continue
-                    # Idle: give the connection back to the pool. Appends queued while it
-                    # is returned are taken by this drainer (_dispatch counts it as running).
-                    held, conn = conn, None
-                    await held.close()
-                if not self._queue:
-                    return
+                            future.set_exception(exc)
+                    if not isinstance(exc, Exception):
+                        raise
+                    continue
+                finally:
+                    self._busy -= 1
+                size = len(batch)
+                telemetry.record_batch("postgresql", size)
+                for append, future in batch:
+                    if not future.done():
+                        future.set_result(size if append.run_id in applied else 0)
         finally:
-            if conn is not None:
-                await conn.close()
+            if held is not None:
+                self._park(held)
+
+    async def _ready(self, held: _Held | None) -> _Held:
+        """``held`` if it can take a statement now, else a connection checked out anew."""
+        if held is not None:
+            # Closed by the server or the network while kept (the pool's checkout check
+            # would have caught it), or checkout listeners that have not seen it: check one
+            # out again.
+            closed = held.driver.is_closed()
+            if closed or checkout_listeners(self._engine) != held.listeners:
+                self._let_go(held.conn, broken=closed)
+                held = None
+        if held is None:
+            listeners = checkout_listeners(self._engine)
+            conn = await self._engine.connect()
+            try:
+                driver = (await conn.get_raw_connection()).driver_connection
+            except BaseException:
+                self._let_go(conn, broken=True)
+                raise
+            held = _Held(conn, driver, listeners)
+        return held
+
+    def _let_go(self, conn: AsyncConnection, *, broken: bool = False) -> None:
+        """Give ``conn`` back to the pool (``broken``: invalidate it) in a task owned here,
+        so that neither a caller's cancellation nor its error path can leave it checked out."""
+        loop = asyncio.get_running_loop()
+        release = _invalidate(conn) if broken else _give_back(conn)
+        task = loop.create_task(release, name="executus_ckpt.pg_release")
+        self._returning.add(task)
+        task.add_done_callback(self._returning.discard)
+
+    def _park(self, held: _Held) -> None:
+        """Keep ``held`` for the next append, for :data:`LINGER` seconds."""
+        loop = asyncio.get_running_loop()
+        held.parked_at = loop.time()
+        self._parked.append(held)
+        if self._closing:
+            self._expire(everything=True)
+        elif self._expiry is None:
+            self._expiry = loop.call_later(LINGER, self._expire)
+
+    def _expire(self, *, everything: bool = False) -> None:
+        """Give back the kept connections unused for :data:`LINGER` (all of them when
+        closing); one timer for all of them, re-armed for the next to expire."""
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() - LINGER
+        kept: list[_Held] = []
+        for held in self._parked:
+            if everything or held.parked_at <= deadline:
+                self._let_go(held.conn)
+            else:
+                kept.append(held)
+        self._parked = kept
+        if kept:
+            first = min(held.parked_at for held in kept)
+            self._expiry = loop.call_at(first + LINGER, self._expire)
 
 
-def _wake(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
+def _reusable(exc: BaseException) -> bool:
+    """Whether a connection can take another statement after ``exc``: only if the server
+    refused the data; otherwise a statement may be in flight or the connection broken (and
+    the pool cannot see errors raised past SQLAlchemy)."""
+    return isinstance(exc, Exception) and is_bad_data(exc)
+
+
+async def _give_back(conn: AsyncConnection) -> None:
+    """Return a kept connection to the pool; if that fails it is gone already (the pool
+    discards a connection whose reset fails), and nobody is waiting to hear of it."""
+    try:
+        await conn.close()
+    except Exception as exc:
+        logger.debug("returning a kept connection to the pool failed: %r", exc)
 
 
 async def _invalidate(conn: AsyncConnection) -> None:
