@@ -78,7 +78,10 @@ class Transcript:
         # ``_dumped`` holds their JSON values (what the store is given).
         self._seen: tuple[Any, ...] = ()
         self._dumped: tuple[JSONValue, ...] = ()
-        self._digests: list[int] = []
+        # Per message of the previous snapshot: its encoding for the last RECHECKED (compared
+        # byte for byte at the next save), the hash of its encoding before them (a message
+        # is hashed once, when it leaves that window).
+        self._digests: list[int | bytes] = []
         # The transcript as last written: (snapshot id, length); None until known.
         self._stored: tuple[int, int] | None = None
         # (snapshot id, changed_from) of the snapshots taken since that write.
@@ -104,15 +107,20 @@ class Transcript:
             fresh = [dump(m, start + i, self._run_id) for i, m in enumerate(copied[start:])]
             values = self._dumped[:start] + tuple(fresh)
         encoded = self._encode(fresh, start)
-        hashes = [hash(e) for e in encoded]
         changed = shared if len(copied) >= len(seen) else len(copied)
         for i in range(start, shared):
-            if hashes[i - start] != digests[i]:
+            old = digests[i]
+            if old != (encoded[i - start] if type(old) is bytes else hash(encoded[i - start])):
                 changed = i
                 break
+        kept = max(start, len(copied) - RECHECKED)
         self._seen = copied
         self._dumped = values if self._codec is not None else ()
-        self._digests = digests[:start] + hashes
+        self._digests = [
+            *digests[:start],
+            *map(hash, encoded[: kept - start]),
+            *encoded[kept - start :],
+        ]
         self._ids += 1
         self._changes.append((self._ids, changed))
         return TranscriptSnapshot(self._ids, values, changed, tuple(encoded[changed - start :]))
@@ -157,6 +165,6 @@ class Transcript:
 def _first_replaced(seen: tuple[Any, ...], messages: tuple[Any, ...], shared: int) -> int:
     """Index of the first message among the first ``shared`` that is not the object at the
     same index of ``seen`` (``shared`` if there is none)."""
-    if all(map(operator.is_, seen[:shared], messages[:shared])):
+    if all(map(operator.is_, seen, messages)):  # stops at the shorter: ``shared``
         return shared
     return next(i for i in range(shared) if seen[i] is not messages[i])

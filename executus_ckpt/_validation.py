@@ -118,6 +118,7 @@ def check_json_mapping(name: str, value: object, run_id: str, *, optional: bool 
 
 
 _VALID_PHASES: dict[int, tuple[tuple[str, ...], bytes]] = {}
+_PHASES_BY_VALUE: dict[tuple[str, ...], bytes] = {}
 
 
 def check_progress(run_id: str, iteration: object, completed_phases: object) -> bytes:
@@ -139,6 +140,17 @@ def check_progress(run_id: str, iteration: object, completed_phases: object) -> 
         hit = _VALID_PHASES.get(id(completed_phases))
         if hit is not None and hit[0] is completed_phases:
             return hit[1]
+    # A host usually builds a new list of the same phases at each save: plain ``str`` phases
+    # encode by value alone, so a list equal to one seen before shares its encoding.
+    plain: tuple[str, ...] | None = None
+    if type(completed_phases) is list or type(completed_phases) is tuple:
+        plain = tuple(completed_phases)
+        if all(type(p) is str for p in plain):
+            known = _PHASES_BY_VALUE.get(plain)
+            if known is not None:
+                return known
+        else:
+            plain = None
     if (
         isinstance(completed_phases, str | bytes)
         or not isinstance(completed_phases, Sequence)
@@ -150,6 +162,10 @@ def check_progress(run_id: str, iteration: object, completed_phases: object) -> 
             run_id=run_id,
         )
     encoded = codec.encode(list(completed_phases), run_id=run_id)
+    if plain is not None:
+        if len(_PHASES_BY_VALUE) >= _MEMO_SIZE:
+            _PHASES_BY_VALUE.clear()
+        _PHASES_BY_VALUE[plain] = encoded
     if type(completed_phases) is tuple:
         if len(_VALID_PHASES) >= _MEMO_SIZE:
             _VALID_PHASES.clear()

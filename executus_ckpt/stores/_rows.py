@@ -118,7 +118,11 @@ def _encoder(name: str) -> Callable[[Any], Any]:
         return str
     if isinstance(header.c[name].type, UTCDateTime):
         return lambda value: None if value is None else as_utc(value)
-    return lambda value: value
+    return _as_is
+
+
+def _as_is(value: Any) -> Any:
+    return value
 
 
 _DECODE: Final = {name: _decoder(name) for name in (*META_FIELDS, *SUMMARY_FIELDS)}
@@ -127,6 +131,13 @@ _ENCODE: Final = {
 }
 
 _META_NAMES: Final = frozenset(META_FIELDS)
+
+_STATE_ENCODE: Final = tuple(
+    (name, None if encode is _as_is else encode)
+    for name, encode in _ENCODE.items()
+    if name not in _META_NAMES
+)
+"""The non-identity columns of ``values_of`` and their encoders (None: stored as is)."""
 
 PG_TYPES: Final = {
     name: header.c[name].type.compile(dialect=postgresql.dialect())  # type: ignore[no-untyped-call]
@@ -160,11 +171,13 @@ def values_of(
     """
     values: dict[str, Any] = {"run_id": checkpoint.meta.run_id}
     values.update(_meta_values(checkpoint.meta))
-    for name, encode in _ENCODE.items():
-        if name not in _META_NAMES:
+    for name, encode in _STATE_ENCODE:
+        if name == "completed_phases" and completed_phases is not None:
+            values[name] = completed_phases
+        elif encode is None:
+            values[name] = getattr(checkpoint, name)
+        else:
             values[name] = encode(getattr(checkpoint, name))
-    if completed_phases is not None:
-        values["completed_phases"] = completed_phases
     return values
 
 

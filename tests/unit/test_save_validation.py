@@ -8,6 +8,7 @@ character, a dict its keys, a generator whatever it yielded.
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Iterator
 from typing import Any
 
@@ -24,6 +25,10 @@ from executus_ckpt.testing import ManualClock
 
 META = RunCheckpointMeta("run-v", agent_id="agent")
 GOOD = RunCheckpointState(messages=[{"m": 0}], iteration=1, completed_phases=["plan"])
+
+
+class Phase(enum.StrEnum):
+    PLAN = "plan"
 
 
 def _messages() -> Iterator[dict[str, int]]:
@@ -46,6 +51,9 @@ BAD: list[tuple[str, dict[str, Any]]] = [
     ("phases-none", {"completed_phases": None}),
     ("phases-int", {"completed_phases": 5}),
     ("phases-non-str", {"completed_phases": ["plan", 3]}),
+    # equal to the good state's ["plan"], which was validated just before: still refused
+    ("phases-str-enum", {"completed_phases": [Phase.PLAN]}),
+    ("phases-str-enum-tuple", {"completed_phases": (Phase.PLAN,)}),
 ]
 
 
