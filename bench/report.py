@@ -123,6 +123,7 @@ class Results:
     sizes: list[int]
     reps: int
     runs: list[RunResult] = field(default_factory=list)
+    lockstep: list[RunResult] = field(default_factory=list)  # runner.lockstep_runs
     concurrent: list[ConcurrentResult] = field(default_factory=list)
     memory: list[MemoryResult] = field(default_factory=list)
     diagnostics: list[DiagnosticResult] = field(default_factory=list)
@@ -172,6 +173,18 @@ class Results:
             if a and b:
                 vb = den[1](b)
                 out.append(num[1](a) / vb if vb > 0 else math.nan)
+        return out
+
+    def lockstep_ratios(self, num: str, den: str, backend: str, metric: Metric) -> list[float]:
+        """metric(num) / metric(den) of the lockstep runs, per repetition."""
+        out = []
+        for rep in range(self.reps):
+            runs = [r for r in self.lockstep if r.backend == backend and r.rep == rep]
+            a = [r for r in runs if r.family == num]
+            b = [r for r in runs if r.family == den]
+            if a and b:
+                vb = metric(b)
+                out.append(metric(a) / vb if vb > 0 else math.nan)
         return out
 
     def backends(self) -> list[str]:
@@ -495,6 +508,7 @@ def targets_issue9(res: Results) -> list[Target]:
             continue
         a = res.value("ours", backend, size, p50_last)
         near = res.per_rep(("ours", p50_last), (near_floor, p50_last), backend, size)
+        lockstep = res.lockstep_ratios("ours", near_floor, backend, p50_last)
         fr = _median(near)
         limit = near_limit[backend]
         out.append(
@@ -503,7 +517,8 @@ def targets_issue9(res: Results) -> list[Target]:
                 (fr <= limit) if near else None,
                 f"ours p50{last_label} / {label(near_floor, backend)} = {fmt_ratio(fr)} "
                 f"(target <= {limit}x; {_spread(near)}; pooled {fmt_ms(a)} vs "
-                f"{fmt_ms(res.value(near_floor, backend, size, p50_last))})",
+                f"{fmt_ms(res.value(near_floor, backend, size, p50_last))}); in lockstep "
+                f"{fmt_ratio(_median(lockstep))} ({_spread(lockstep)})",
             )
         )
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -45,3 +46,5 @@ def test_bench_quick_runs_ours_and_the_floors(tmp_path: Path) -> None:
     if "postgresql" in backends:
         assert "one-statement floor" in out
     assert "database is locked" not in proc.stderr
+    # the near-floor ratios were also measured in lockstep, on every backend run
+    assert len(re.findall(r"in lockstep \d+\.\d+x", out)) == len(backends.split(","))
