@@ -116,11 +116,10 @@ class Transcript:
         kept = max(start, len(copied) - RECHECKED)
         self._seen = copied
         self._dumped = values if self._codec is not None else ()
-        self._digests = [
-            *digests[:start],
-            *map(hash, encoded[: kept - start]),
-            *encoded[kept - start :],
-        ]
+        # in place: O(new messages), not O(transcript)
+        del digests[start:]
+        digests.extend(map(hash, encoded[: kept - start]))
+        digests.extend(encoded[kept - start :])
         self._ids += 1
         self._changes.append((self._ids, changed))
         return TranscriptSnapshot(self._ids, values, changed, tuple(encoded[changed - start :]))
