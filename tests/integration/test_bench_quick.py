@@ -48,3 +48,30 @@ def test_bench_quick_runs_ours_and_the_floors(tmp_path: Path) -> None:
     assert "database is locked" not in proc.stderr
     # the near-floor ratios were also measured in lockstep, on every backend run
     assert len(re.findall(r"in lockstep \d+\.\d+x", out)) == len(backends.split(","))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_bench_layers_breaks_a_postgres_save_down(pg_url: str) -> None:
+    """`python -m bench.layers` (the cost of each layer of a PostgreSQL save) keeps running."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "EXECUTUS_CKPT_TEST_PG_URL": pg_url}
+    env.pop("PYTHONASYNCIODEBUG", None)
+    for args, pattern in (
+        (
+            ["--runs", "1"],
+            r"(?m)^(ours|store\.append|our statement|lean statement|lean floor) "
+            r"+\d+\.\d+ ms +\d+\.\d+x the lean floor$",
+        ),
+        (["--runs", "1", "--no-io"], r"save path without I/O: \d+\.\d+ us per save"),
+    ):
+        proc = subprocess.run(
+            [sys.executable, "-m", "bench.layers", *args],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=110,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        found = re.findall(pattern, proc.stdout)
+        assert len(found) == (5 if "--no-io" not in args else 1), proc.stdout
