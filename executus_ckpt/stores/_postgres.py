@@ -165,6 +165,7 @@ class PostgresBackend:
         self._drainers: set[asyncio.Task[None]] = set()
         self._busy = 0  # statements running (drainers' batches and callers' own appends)
         self._direct = 0  # callers sending their own append
+        self._direct_done: list[asyncio.Future[None]] = []  # aclose waiting for them
         self._parked: list[_Held] = []  # kept connections, most recently used last
         self._expiry: asyncio.TimerHandle | None = None
         self._returning: set[asyncio.Task[None]] = set()  # kept connections going back
@@ -216,6 +217,10 @@ class PostgresBackend:
     async def aclose(self) -> None:
         self._closing = True
         try:
+            while self._direct:  # callers sending their own append (not tasks of ours)
+                done = asyncio.get_running_loop().create_future()
+                self._direct_done.append(done)
+                await done
             pending = self._drainers | self._writes
             if pending:
                 await asyncio.wait(pending)
@@ -244,6 +249,11 @@ class PostgresBackend:
                 self._park(held)
             if self._queue:
                 self._dispatch()  # appends that arrived meanwhile
+            if not self._direct:
+                for done in self._direct_done:
+                    if not done.done():
+                        done.set_result(None)
+                self._direct_done.clear()
         telemetry.record_batch("postgresql", 1)
         return ok
 

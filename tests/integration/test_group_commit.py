@@ -394,3 +394,33 @@ async def test_pg_drainers_under_random_interleavings(
             loaded = await store.load(run_id)
             assert loaded is not None and len(loaded.messages) in possible, (run_id, possible)
             assert loaded.messages == [{"n": k} for k in range(len(loaded.messages))], run_id
+
+
+async def test_pg_close_waits_for_an_append_its_caller_is_sending(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lone append is sent by its caller on a kept connection (no task of the store's):
+    closing the store while that statement is in flight still waits for it, as it waits for
+    queued appends, and the append is stored."""
+    from executus_ckpt.stores import _postgres
+
+    real = _postgres._append_one
+    sent = asyncio.Event()
+
+    async def slow(connection: Any, append: Any) -> bool:
+        sent.set()
+        await asyncio.sleep(0.3)
+        return await real(connection, append)
+
+    store = SQLCheckpointStore.from_url(pg_url)  # its own engine: aclose disposes it
+    await store.save(cp("a", 1))
+    await store.append(cp("a", 2), base_count=1)  # leaves a kept connection behind
+    monkeypatch.setattr(_postgres, "_append_one", slow)
+    sending = asyncio.create_task(store.append(cp("a", 3), base_count=2))
+    await sent.wait()
+    await store.aclose()
+    assert sending.done(), "aclose returned while an append was still being sent"
+    await sending
+    async with SQLCheckpointStore.open(pg_url) as again:
+        loaded = await again.load("a")
+    assert loaded is not None and loaded.messages == [{"n": k} for k in range(3)]
