@@ -62,111 +62,133 @@ async def interleaved(url: str, runs: int) -> dict[str, float]:
     admin_dsn = pg_dsn(url)
     name = "executus_ckpt_layers"
     dsn = admin_dsn.rpartition("/")[0] + "/" + name
+    db_url = "postgresql+asyncpg://" + dsn.partition("://")[2]
     admin = await asyncpg.connect(admin_dsn)
     try:
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await admin.execute(f'CREATE DATABASE "{name}"')
-        await migrate("postgresql+asyncpg://" + dsn.partition("://")[2])
+        await migrate(db_url)
         raw = await asyncpg.connect(dsn)
         await raw.execute(_FLOOR_PG_SCHEMA)
         pool = await asyncpg.create_pool(dsn, min_size=1, max_size=15, reset=_no_reset)
-        store = SQLCheckpointStore.from_url("postgresql+asyncpg://" + dsn.partition("://")[2])
+        store = SQLCheckpointStore.from_url(db_url)
         factory = StoreCheckpointerFactory(store, throttle=0)
         data = make_iterations(ITERATIONS, SIZE)
         samples: dict[str, list[float]] = {n: [] for n in NAMES}
         rng = random.Random(3)
+
+        def checkpoint_of(row: RunCheckpoint, i: int, **fields: Any) -> RunCheckpoint:
+            return RunCheckpoint(
+                meta=row.meta,
+                iteration=i,
+                updated_at=datetime.now(UTC),
+                epoch=row.epoch,
+                owner=row.owner,
+                app_version=row.app_version,
+                **fields,
+            )
+
+        async def one_run(r: int) -> None:
+            ours = await factory.begin(RunInfo(run_id=f"A{r}", name="bench"))
+            for run_id in (f"B{r}", f"C{r}"):
+                await (await factory.begin(RunInfo(run_id=run_id, name="bench"))).aclose()
+            b = await store.load(f"B{r}")
+            c = await store.load(f"C{r}")
+            assert b is not None and c is not None
+            transcript: list[dict[str, Any]] = []
+
+            # Each way saves iteration i (phases, new messages, stored count ``base``);
+            # what it prepares before ``start`` is not timed.
+            async def save_ours(i: int, phases: list[str], rows: list[bytes], base: int) -> float:
+                state = RunCheckpointState(
+                    messages=transcript, iteration=i, completed_phases=phases
+                )
+                start = time.perf_counter()
+                await ours.save(state)
+                return start
+
+            async def save_store(i: int, phases: list[str], rows: list[bytes], base: int) -> float:
+                checkpoint = checkpoint_of(
+                    b, i, messages=tuple(transcript), completed_phases=tuple(phases)
+                )
+                start = time.perf_counter()
+                await store.append(checkpoint, base_count=base, encoded_tail=rows)
+                return start
+
+            async def save_ours_statement(
+                i: int, phases: list[str], rows: list[bytes], base: int
+            ) -> float:
+                values = _rows.values_of(checkpoint_of(c, i), completed_phases=orjson.dumps(phases))
+                values["message_count"] = base + len(rows)
+                append = Append(
+                    run_id=f"C{r}",
+                    base=base,
+                    rows=rows,
+                    size=sum(map(len, rows)),
+                    max_bytes=1 << 40,
+                    epoch=c.epoch,
+                    values=values,
+                )
+                start = time.perf_counter()
+                assert await _postgres._append_one(raw, append)
+                return start
+
+            async def save_lean_statement(
+                i: int, phases: list[str], rows: list[bytes], base: int
+            ) -> float:
+                args = (f"D{r}", i, orjson.dumps(phases), base + len(rows), *rows)
+                start = time.perf_counter()
+                await raw.execute(_lean_pg_save(len(rows)), *args)
+                return start
+
+            async def save_lean_floor(
+                i: int, phases: list[str], rows: list[bytes], base: int
+            ) -> float:
+                start = time.perf_counter()  # encoding included, as the bench's floor
+                encoded = [orjson.dumps(m) for m in transcript[-len(rows) :]]
+                async with pool.acquire() as conn:
+                    await conn.execute(
+                        _lean_pg_save(len(encoded)),
+                        f"E{r}",
+                        i,
+                        orjson.dumps(phases),
+                        base + len(encoded),
+                        *encoded,
+                    )
+                return start
+
+            ways = dict(
+                zip(
+                    NAMES,
+                    (
+                        save_ours,
+                        save_store,
+                        save_ours_statement,
+                        save_lean_statement,
+                        save_lean_floor,
+                    ),
+                    strict=True,
+                )
+            )
+            counts = dict.fromkeys(NAMES, 0)
+            for i, it in enumerate(data, 1):
+                new = (it.tool_call, it.tool_result, it.answer)
+                transcript.extend(new)
+                phases = completed_phases(i, ITERATIONS)
+                rows = [orjson.dumps(m) for m in new]
+                order = list(NAMES)
+                rng.shuffle(order)
+                for way in order:
+                    start = await ways[way](i, phases, rows, counts[way])
+                    elapsed = time.perf_counter() - start
+                    counts[way] += len(new)
+                    if i > ITERATIONS - 100:
+                        samples[way].append(elapsed)
+            await ours.complete()
+
         try:
             for r in range(runs):
-                ours = await factory.begin(RunInfo(run_id=f"A{r}", name="bench"))
-                for run_id in (f"B{r}", f"C{r}"):
-                    await (await factory.begin(RunInfo(run_id=run_id, name="bench"))).aclose()
-                b = await store.load(f"B{r}")
-                c = await store.load(f"C{r}")
-                assert b is not None and c is not None
-                transcript: list[dict[str, Any]] = []
-                counts = dict.fromkeys(NAMES, 0)
-                for i, it in enumerate(data, 1):
-                    new = (it.tool_call, it.tool_result, it.answer)
-                    transcript.extend(new)
-                    phases = completed_phases(i, ITERATIONS)
-                    order = list(range(len(NAMES)))
-                    rng.shuffle(order)
-                    for k in order:
-                        way = NAMES[k]
-                        base = counts[way]
-                        if way == "ours":
-                            state = RunCheckpointState(
-                                messages=transcript, iteration=i, completed_phases=phases
-                            )
-                            start = time.perf_counter()
-                            await ours.save(state)
-                        elif way == "store.append":
-                            rows = [orjson.dumps(m) for m in new]
-                            checkpoint = RunCheckpoint(
-                                meta=b.meta,
-                                messages=tuple(transcript),
-                                iteration=i,
-                                completed_phases=tuple(phases),
-                                updated_at=datetime.now(UTC),
-                                epoch=b.epoch,
-                                owner=b.owner,
-                                app_version=b.app_version,
-                            )
-                            start = time.perf_counter()
-                            await store.append(checkpoint, base_count=base, encoded_tail=rows)
-                        elif way == "our statement":
-                            rows = [orjson.dumps(m) for m in new]
-                            values = _rows.values_of(
-                                RunCheckpoint(
-                                    meta=c.meta,
-                                    iteration=i,
-                                    updated_at=datetime.now(UTC),
-                                    epoch=c.epoch,
-                                    owner=c.owner,
-                                    app_version=c.app_version,
-                                ),
-                                completed_phases=orjson.dumps(phases),
-                            )
-                            values["message_count"] = base + len(rows)
-                            append = Append(
-                                run_id=f"C{r}",
-                                base=base,
-                                rows=rows,
-                                size=sum(map(len, rows)),
-                                max_bytes=1 << 40,
-                                epoch=c.epoch,
-                                values=values,
-                            )
-                            start = time.perf_counter()
-                            assert await _postgres._append_one(raw, append)
-                        elif way == "lean statement":
-                            rows = [orjson.dumps(m) for m in new]
-                            start = time.perf_counter()
-                            await raw.execute(
-                                _lean_pg_save(len(rows)),
-                                f"D{r}",
-                                i,
-                                orjson.dumps(phases),
-                                base + len(rows),
-                                *rows,
-                            )
-                        else:
-                            start = time.perf_counter()
-                            rows = [orjson.dumps(m) for m in new]
-                            async with pool.acquire() as conn:
-                                await conn.execute(
-                                    _lean_pg_save(len(rows)),
-                                    f"E{r}",
-                                    i,
-                                    orjson.dumps(phases),
-                                    base + len(rows),
-                                    *rows,
-                                )
-                        elapsed = time.perf_counter() - start
-                        counts[way] = base + len(new)
-                        if i > ITERATIONS - 100:
-                            samples[way].append(elapsed)
-                await ours.complete()
+                await one_run(r)
         finally:
             await store.aclose()
             await pool.close()

@@ -135,11 +135,17 @@ class Results:
         return windows_for(self.iterations)
 
     def select(
-        self, family: str, backend: str, size: int, rep: int | None = None
+        self,
+        family: str,
+        backend: str,
+        size: int,
+        rep: int | None = None,
+        *,
+        lockstep: bool = False,
     ) -> list[RunResult]:
         return [
             r
-            for r in self.runs
+            for r in (self.lockstep if lockstep else self.runs)
             if r.family == family
             and r.backend == backend
             and r.size == size
@@ -164,27 +170,18 @@ class Results:
         den: tuple[str, Metric],
         backend: str,
         size: int,
+        *,
+        lockstep: bool = False,
     ) -> list[float]:
-        """metric(num family) / metric(den family) within each repetition."""
+        """metric(num family) / metric(den family) within each repetition (of the lockstep
+        runs with ``lockstep``)."""
         out = []
         for rep in range(self.reps):
-            a = self.select(num[0], backend, size, rep)
-            b = self.select(den[0], backend, size, rep)
+            a = self.select(num[0], backend, size, rep, lockstep=lockstep)
+            b = self.select(den[0], backend, size, rep, lockstep=lockstep)
             if a and b:
                 vb = den[1](b)
                 out.append(num[1](a) / vb if vb > 0 else math.nan)
-        return out
-
-    def lockstep_ratios(self, num: str, den: str, backend: str, metric: Metric) -> list[float]:
-        """metric(num) / metric(den) of the lockstep runs, per repetition."""
-        out = []
-        for rep in range(self.reps):
-            runs = [r for r in self.lockstep if r.backend == backend and r.rep == rep]
-            a = [r for r in runs if r.family == num]
-            b = [r for r in runs if r.family == den]
-            if a and b:
-                vb = metric(b)
-                out.append(metric(a) / vb if vb > 0 else math.nan)
         return out
 
     def backends(self) -> list[str]:
@@ -508,7 +505,9 @@ def targets_issue9(res: Results) -> list[Target]:
             continue
         a = res.value("ours", backend, size, p50_last)
         near = res.per_rep(("ours", p50_last), (near_floor, p50_last), backend, size)
-        lockstep = res.lockstep_ratios("ours", near_floor, backend, p50_last)
+        lockstep = res.per_rep(
+            ("ours", p50_last), (near_floor, p50_last), backend, size, lockstep=True
+        )
         fr = _median(near)
         limit = near_limit[backend]
         out.append(

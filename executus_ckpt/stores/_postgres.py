@@ -165,7 +165,8 @@ class PostgresBackend:
         self._drainers: set[asyncio.Task[None]] = set()
         self._busy = 0  # statements running (drainers' batches and callers' own appends)
         self._direct = 0  # callers sending their own append
-        self._direct_done: list[asyncio.Future[None]] = []  # aclose waiting for them
+        self._no_direct = asyncio.Event()  # set while none is (aclose waits for it)
+        self._no_direct.set()
         self._parked: list[_Held] = []  # kept connections, most recently used last
         self._expiry: asyncio.TimerHandle | None = None
         self._returning: set[asyncio.Task[None]] = set()  # kept connections going back
@@ -217,10 +218,7 @@ class PostgresBackend:
     async def aclose(self) -> None:
         self._closing = True
         try:
-            while self._direct:  # callers sending their own append (not tasks of ours)
-                done = asyncio.get_running_loop().create_future()
-                self._direct_done.append(done)
-                await done
+            await self._no_direct.wait()  # callers sending their own append: no tasks of ours
             pending = self._drainers | self._writes
             if pending:
                 await asyncio.wait(pending)
@@ -234,13 +232,12 @@ class PostgresBackend:
         held: _Held | None = None
         self._busy += 1
         self._direct += 1
+        self._no_direct.clear()
         try:
             held = await self._ready(self._parked.pop())
             ok = await _append_one(held.driver, append)
         except BaseException as exc:
-            if held is not None and not _reusable(exc):
-                self._let_go(held.conn, broken=True)
-                held = None
+            held = self._after_error(held, exc)
             raise
         finally:
             self._busy -= 1
@@ -250,10 +247,7 @@ class PostgresBackend:
             if self._queue:
                 self._dispatch()  # appends that arrived meanwhile
             if not self._direct:
-                for done in self._direct_done:
-                    if not done.done():
-                        done.set_result(None)
-                self._direct_done.clear()
+                self._no_direct.set()
         telemetry.record_batch("postgresql", 1)
         return ok
 
@@ -300,7 +294,8 @@ class PostgresBackend:
                 try:
                     if held is None and self._parked:
                         held = self._parked.pop()
-                    kept, held = held, None  # _ready owns it until it returns
+                    # _ready owns the connection until it returns (its own errors let it go)
+                    kept, held = held, None
                     held = await self._ready(kept)
                     if len(batch) == 1:
                         first = batch[0][0]
@@ -309,9 +304,7 @@ class PostgresBackend:
                     else:
                         applied = await _append_batch(held.driver, [a for a, _ in batch])
                 except BaseException as exc:
-                    if held is not None and not _reusable(exc):
-                        self._let_go(held.conn, broken=True)
-                        held = None
+                    held = self._after_error(held, exc)
                     if isinstance(exc, asyncio.CancelledError):
                         for _, future in [*batch, *self._queue]:
                             if not future.done():
@@ -336,7 +329,8 @@ class PostgresBackend:
                 self._park(held)
 
     async def _ready(self, held: _Held | None) -> _Held:
-        """``held`` if it can take a statement now, else a connection checked out anew."""
+        """``held`` if it can take a statement now, else a connection checked out anew
+        (``held`` is then given back; on an error no connection is left checked out)."""
         if held is not None:
             # Closed by the server or the network while kept (the pool's checkout check
             # would have caught it), or checkout listeners that have not seen it: check one
@@ -354,6 +348,15 @@ class PostgresBackend:
                 self._let_go(conn, broken=True)
                 raise
             held = _Held(conn, driver, listeners)
+        return held
+
+    def _after_error(self, held: _Held | None, exc: BaseException) -> _Held | None:
+        """``held`` if it can take another statement after ``exc`` (the server refused the
+        data); otherwise a statement may be in flight or the connection broken, and the pool
+        cannot see errors raised past SQLAlchemy: it is invalidated, and None returned."""
+        if held is not None and not (isinstance(exc, Exception) and is_bad_data(exc)):
+            self._let_go(held.conn, broken=True)
+            return None
         return held
 
     def _let_go(self, conn: AsyncConnection, *, broken: bool = False) -> None:
@@ -393,13 +396,6 @@ class PostgresBackend:
         if kept:
             first = min(held.parked_at for held in kept)
             self._expiry = loop.call_at(first + LINGER, self._expire)
-
-
-def _reusable(exc: BaseException) -> bool:
-    """Whether a connection can take another statement after ``exc``: only if the server
-    refused the data; otherwise a statement may be in flight or the connection broken (and
-    the pool cannot see errors raised past SQLAlchemy)."""
-    return isinstance(exc, Exception) and is_bad_data(exc)
 
 
 async def _give_back(conn: AsyncConnection) -> None:

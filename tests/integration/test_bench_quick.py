@@ -13,33 +13,41 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 
+def _run_bench(
+    module: str, *args: str, timeout: float, **env: str
+) -> subprocess.CompletedProcess[str]:
+    """``python -m <module> <args>`` from the repository, as `make bench` runs it (no asyncio
+    debug mode: a benchmark, not a debug run); fails the test unless it exits 0."""
+    environ = {**os.environ, "PYTHONPATH": str(REPO), **env}
+    environ.pop("PYTHONASYNCIODEBUG", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=REPO,
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_bench_quick_runs_ours_and_the_floors(tmp_path: Path) -> None:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    env.pop("PYTHONASYNCIODEBUG", None)  # a benchmark, not a debug run
     backends = "sqlite,postgresql" if os.environ.get("EXECUTUS_CKPT_TEST_PG_URL") else "sqlite"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench",
-            "--quick",
-            "--engines",
-            "ours,floor,lean",
-            "--backends",
-            backends,
-            "--tmpdir",
-            str(tmp_path),
-            "--no-write",
-        ],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
+    proc = _run_bench(
+        "bench",
+        "--quick",
+        "--engines",
+        "ours,floor,lean",
+        "--backends",
+        backends,
+        "--tmpdir",
+        str(tmp_path),
+        "--no-write",
         timeout=230,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     assert "## Targets (issue 9)" in out and "## Targets (issue 5)" in out
     assert "executus_ckpt" in out and "raw floor" in out and "one-hop floor" in out
@@ -54,24 +62,11 @@ def test_bench_quick_runs_ours_and_the_floors(tmp_path: Path) -> None:
 @pytest.mark.timeout(120)
 def test_bench_layers_breaks_a_postgres_save_down(pg_url: str) -> None:
     """`python -m bench.layers` (the cost of each layer of a PostgreSQL save) keeps running."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "EXECUTUS_CKPT_TEST_PG_URL": pg_url}
-    env.pop("PYTHONASYNCIODEBUG", None)
-    for args, pattern in (
-        (
-            ["--runs", "1"],
-            r"(?m)^(ours|store\.append|our statement|lean statement|lean floor) "
-            r"+\d+\.\d+ ms +\d+\.\d+x the lean floor$",
-        ),
-        (["--runs", "1", "--no-io"], r"save path without I/O: \d+\.\d+ us per save"),
-    ):
-        proc = subprocess.run(
-            [sys.executable, "-m", "bench.layers", *args],
-            cwd=REPO,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=110,
-        )
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        found = re.findall(pattern, proc.stdout)
-        assert len(found) == (5 if "--no-io" not in args else 1), proc.stdout
+    layers = _run_bench(
+        "bench.layers", "--runs", "1", timeout=110, EXECUTUS_CKPT_TEST_PG_URL=pg_url
+    ).stdout
+    ways = r"(ours|store\.append|our statement|lean statement|lean floor)"
+    found = re.findall(rf"(?m)^{ways} +\d+\.\d+ ms +\d+\.\d+x the lean floor$", layers)
+    assert len(found) == 5, layers
+    no_io = _run_bench("bench.layers", "--runs", "1", "--no-io", timeout=110).stdout
+    assert re.search(r"save path without I/O: \d+\.\d+ us per save", no_io), no_io
