@@ -217,7 +217,7 @@ async def no_io(runs: int) -> float:
     async def register(checkpoint: RunCheckpoint, *, expect_epoch: int | None = None) -> int:
         return 1
 
-    async def append(append: Append) -> bool:
+    async def append(append: Append, timeout: float) -> bool:  # noqa: ASYNC109
         return True
 
     store.register = register  # type: ignore[method-assign]

@@ -268,7 +268,7 @@ class StoreCheckpointer:
             # state for the trailing flush.
             self._arm_timer()
             return
-        await self._write_through(snap.seq)
+        await self._write_inline(snap.seq)
 
     async def flush(self) -> None:
         """Write the pending throttled state now; a no-op when nothing is pending.
@@ -300,8 +300,7 @@ class StoreCheckpointer:
         """
         self._close()
         await self._cancel_timer()
-        if self._writes:
-            await asyncio.wait(set(self._writes))
+        await self._writes_done()
         if release and self._state is _State.CLOSED and self._epoch is not None:
             async with self._lock:
                 if self._state is _State.CLOSED:
@@ -343,6 +342,38 @@ class StoreCheckpointer:
             phases = previous.completed_phases
         self._seq += 1
         return _Snapshot(self._seq, transcript, state.iteration, phases, state.extra)
+
+    async def _write_inline(self, seq: int) -> None:
+        """Make sure state ``seq`` (or a newer one) is written, in the caller's own task: a
+        save's common path, with no task to start and no loop turn back to the caller (each
+        costs about as much as a save's own Python work, see bench/RESULTS.md).
+
+        A caller cancelled before the write finished hands it to a task this checkpointer
+        owns, so that a cancelled save's state is still written, as by
+        :meth:`_write_through` (``complete``/``aclose`` wait for that task). The store call it
+        interrupted may or may not have been applied: the next write's guard tells (an
+        append that finds the transcript moved on rewrites it whole).
+        """
+        try:
+            await self._locked_write(seq)
+        except asyncio.CancelledError:
+            if self._state is _State.OPEN or self._state is _State.CLOSED:
+                task = asyncio.get_running_loop().create_task(
+                    self._locked_write(seq), name=f"executus_ckpt.write:{self.run_id}"
+                )
+                self._writes.add(task)
+                task.add_done_callback(self._write_done)
+            raise
+
+    async def _writes_done(self) -> None:
+        """Wait until no write is in flight (write tasks, and saves writing in their own
+        task, which hold the lock)."""
+        while self._writes or self._lock.locked():
+            if self._writes:
+                await asyncio.wait(set(self._writes))
+            else:
+                async with self._lock:
+                    pass
 
     async def _write_through(self, seq: int) -> None:
         """Make sure state ``seq`` (or a newer one) is written; finishes even if cancelled.
@@ -473,10 +504,10 @@ class StoreCheckpointer:
         """
         failures = 0
         while self._state is _State.OPEN and self._latest is not None and self.pending:
-            if self._writes:
+            if self._writes or self._lock.locked():
                 # A write is under way: the window opens when it started, which is known
                 # (and only counts) once it succeeded. At most one write per window.
-                await asyncio.wait(set(self._writes))
+                await self._writes_done()
                 continue
             last = self._last_write if self._last_write is not None else -math.inf
             delay = last + self._throttle - self._clock()

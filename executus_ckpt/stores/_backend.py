@@ -87,8 +87,11 @@ class Backend(Protocol):
         """A connection for reads; with ``snapshot``, one transaction seeing one state."""
         ...
 
-    async def append(self, append: Append) -> bool:
-        """Apply ``append`` on the raw driver; False if its guard failed (nothing written)."""
+    async def append(self, append: Append, timeout: float) -> bool:  # noqa: ASYNC109
+        """Apply ``append`` on the raw driver; False if its guard failed (nothing written).
+        Raises ``TimeoutError`` after ``timeout`` seconds. The backend bounds its own wait
+        (not ``asyncio.timeout`` around the call: PostgreSQL's lone append is bounded by the
+        statement's own timer, which asyncpg arms anyway, one timer per save instead of two)."""
         ...
 
     async def aclose(self) -> None:

@@ -95,14 +95,15 @@ def _single_sql(count: int | None) -> str:
 _BATCH_APPEND = _batch_sql()
 
 
-async def _append_one(connection: Any, a: Append) -> bool:
-    """One statement, one round trip, atomic on its own (``connection``: asyncpg, no txn)."""
+async def _append_one(connection: Any, a: Append, timeout: float | None = None) -> bool:  # noqa: ASYNC109
+    """One statement, one round trip, atomic on its own (``connection``: asyncpg, no txn);
+    ``timeout``: seconds, else the connection's ``command_timeout``."""
     header = (a.run_id, *(a.values[c] for c in _SET), a.size, a.base, a.max_bytes)
     if len(a.rows) <= VALUES_MAX:
-        updated = await connection.fetchval(_single_sql(len(a.rows)), *header, *a.rows)
+        sql, args = _single_sql(len(a.rows)), (*header, *a.rows)
     else:
-        updated = await connection.fetchval(_single_sql(None), *header, list(a.rows))
-    return bool(updated)
+        sql, args = _single_sql(None), (*header, list(a.rows))
+    return bool(await connection.fetchval(sql, *args, timeout=timeout))
 
 
 async def _append_batch(connection: Any, batch: Sequence[Append]) -> set[str]:
@@ -195,12 +196,12 @@ class PostgresBackend:
             async with conn.begin():
                 yield conn
 
-    async def append(self, append: Append) -> bool:
+    async def append(self, append: Append, timeout: float) -> bool:  # noqa: ASYNC109
         if not self._queue and not self._busy and self._parked and not self._closing:
             # Nothing else in flight: send it from here (no hop through a drainer task).
             # Cancelling the caller interrupts the statement, which then may or may not be
             # applied, as with a cancelled queued append: the next guard finds out.
-            if await self._send_own(append):
+            if await self._send_own(append, timeout):
                 telemetry.note_batch(1)
                 return True
             return False
@@ -210,7 +211,8 @@ class PostgresBackend:
         self._dispatch()
         # Not shielded: cancelling the caller cancels only this future, never the drainer's
         # statement (which then skips it); a shield would cost another loop turn per save.
-        batch = await future
+        async with asyncio.timeout(timeout):
+            batch = await future
         if batch:
             telemetry.note_batch(batch)
         return batch > 0
@@ -228,14 +230,23 @@ class PostgresBackend:
         finally:
             self._closing = False
 
-    async def _send_own(self, append: Append) -> bool:
+    async def _send_own(self, append: Append, timeout: float) -> bool:  # noqa: ASYNC109
+        """Send ``append`` on a kept connection; the statement's own timeout (asyncpg's timer,
+        which it arms anyway) bounds it, so no second timer is armed on this path."""
         held: _Held | None = None
         self._busy += 1
         self._direct += 1
         self._no_direct.clear()
         try:
-            held = await self._ready(self._parked.pop())
-            ok = await _append_one(held.driver, append)
+            held = self._parked.pop()
+            if self._usable(held):
+                ok = await _append_one(held.driver, append, timeout)
+            else:
+                # Checked out anew: the checkout and the statement share the bound.
+                held = None
+                async with asyncio.timeout(timeout):
+                    held = await self._ready(None)
+                    ok = await _append_one(held.driver, append)
         except BaseException as exc:
             held = self._after_error(held, exc)
             raise
@@ -328,17 +339,21 @@ class PostgresBackend:
             if held is not None:
                 self._park(held)
 
+    def _usable(self, held: _Held) -> bool:
+        """Whether kept ``held`` can take a statement now; if not it is given back. Closed by
+        the server or the network while kept (the pool's checkout check would have caught
+        it), or checkout listeners that have not seen it: one is checked out again."""
+        closed = held.driver.is_closed()
+        if closed or checkout_listeners(self._engine) != held.listeners:
+            self._let_go(held.conn, broken=closed)
+            return False
+        return True
+
     async def _ready(self, held: _Held | None) -> _Held:
         """``held`` if it can take a statement now, else a connection checked out anew
         (``held`` is then given back; on an error no connection is left checked out)."""
-        if held is not None:
-            # Closed by the server or the network while kept (the pool's checkout check
-            # would have caught it), or checkout listeners that have not seen it: check one
-            # out again.
-            closed = held.driver.is_closed()
-            if closed or checkout_listeners(self._engine) != held.listeners:
-                self._let_go(held.conn, broken=closed)
-                held = None
+        if held is not None and not self._usable(held):
+            held = None
         if held is None:
             listeners = checkout_listeners(self._engine)
             conn = await self._engine.connect()

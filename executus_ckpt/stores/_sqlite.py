@@ -215,11 +215,12 @@ class SQLiteBackend:
             async with conn.begin():
                 yield conn
 
-    async def append(self, append: Append) -> bool:
+    async def append(self, append: Append, timeout: float) -> bool:  # noqa: ASYNC109
         """Queue the append; a batch made only of appends runs as one call into the driver's
         thread (``BEGIN IMMEDIATE`` … ``COMMIT``)."""
         pending = _Pending(self._future(), append=append)
-        applied: bool = await self._enqueue(pending)
+        async with asyncio.timeout(timeout):
+            applied: bool = await self._enqueue(pending)
         telemetry.note_batch(pending.batch)
         return applied
 

@@ -306,8 +306,7 @@ class SQLCheckpointStore:
         )
         await self._ready_to_write()
         with mapped_errors(self._engine.url, "saving", run_id, timeout=self._timeout):
-            async with asyncio.timeout(self._timeout):
-                applied = await self._backend.append(append)
+            applied = await self._backend.append(append, self._timeout)
         if applied:
             count = base + len(tail)
             telemetry.note_save(

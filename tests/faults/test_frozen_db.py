@@ -140,6 +140,36 @@ async def test_frozen_database_fails_each_operation_in_time(
     assert await store.load("frozen-run") is None
 
 
+async def test_lone_append_on_a_kept_connection_fails_in_time(pg_url: str, proxy: TCPProxy) -> None:
+    """A save right behind the previous one is sent by its caller on the connection kept
+    from that save, bounded by the statement's own timeout (no outer timer on that path).
+    The engine here is the host's, without asyncpg's ``command_timeout``: only the store's
+    ``operation_timeout`` can end the wait."""
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    engine = create_async_engine(proxy.url(pg_url))
+    store = SQLCheckpointStore(engine, operation_timeout=OPERATION_TIMEOUT)
+    try:
+        factory = StoreCheckpointerFactory(store)
+        cp = await factory.begin(RunInfo("kept-run", inputs={"prompt": "p"}))
+        await cp.save(state(1))
+        await cp.save(state(2))
+        backend: Any = store._backend
+        assert backend._parked, "no connection kept: the save below would not be a lone append"
+        proxy.freeze()  # blocks this loop: the kept connection cannot expire meanwhile
+        error = await fails_in_time("lone append on a kept connection", cp.save(state(3)))
+        assert "kept-run" in str(error)
+        proxy.thaw()
+        await cp.save(state(4))
+        loaded = await store.load("kept-run")
+        assert loaded is not None and loaded.iteration == 4
+        assert list(loaded.messages) == list(state(4).messages)
+    finally:
+        proxy.thaw()
+        await store.aclose()
+        await engine.dispose()
+
+
 async def test_recover_interrupted_on_a_frozen_database_fails_in_time(
     store: SQLCheckpointStore, proxy: TCPProxy
 ) -> None:

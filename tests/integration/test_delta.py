@@ -6,6 +6,7 @@ full rewrites (or an extra read per save) fails here on both SQL backends.
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -80,6 +81,10 @@ async def counting(store: SQLCheckpointStore) -> AsyncIterator[Statements]:
         event.listen(engine, "before_cursor_execute", before)
     try:
         yield stats
+        # asyncpg runs query loggers as tasks: let them run (a save that writes in its
+        # caller's task returns right after its statement, before they do).
+        for _ in range(3):
+            await asyncio.sleep(0)
     finally:
         event.remove(engine, "checkout", on_checkout)
         if store.dialect == "postgresql":

@@ -407,10 +407,10 @@ async def test_pg_close_waits_for_an_append_its_caller_is_sending(
     real = _postgres._append_one
     sent = asyncio.Event()
 
-    async def slow(connection: Any, append: Any) -> bool:
+    async def slow(connection: Any, append: Any, timeout: float | None = None) -> bool:  # noqa: ASYNC109
         sent.set()
         await asyncio.sleep(0.3)
-        return await real(connection, append)
+        return await real(connection, append, timeout)
 
     store = SQLCheckpointStore.from_url(pg_url)  # its own engine: aclose disposes it
     await store.save(cp("a", 1))

@@ -118,17 +118,87 @@ async def test_cancelled_save_still_finishes_its_write() -> None:
     assert await store.load("run-1") is None
 
 
-async def test_a_write_task_cancelled_before_it_starts_cancels_its_save() -> None:
-    """The save waits on the write task's outcome: a write task cancelled before its first
-    step (loop shutdown, a host cancelling every task) must not leave the save waiting."""
-    cp = new_checkpointer(InMemoryCheckpointStore(), META, throttle=0)
-    saving = asyncio.ensure_future(cp.save(state(1)))
-    await asyncio.sleep(0)  # the save has created its write task, which has not run yet
+async def test_a_write_task_cancelled_before_it_starts_cancels_its_flush() -> None:
+    """A flush waits on its write task's outcome: a write task cancelled before its first
+    step (loop shutdown, a host cancelling every task) must not leave the flush waiting."""
+    clock = ManualClock()
+    cp = new_checkpointer(InMemoryCheckpointStore(), META, throttle=5, clock=clock)
+    await cp.save(state(1))
+    await cp.save(state(2))  # inside the window: pending
+    assert cp.pending
+    flushing = asyncio.ensure_future(cp.flush())
+    await asyncio.sleep(0)  # the flush has created its write task, which has not run yet
     writes = [t for t in asyncio.all_tasks() if t.get_name().startswith("executus_ckpt.write")]
     assert len(writes) == 1
     writes[0].cancel()
     with pytest.raises(asyncio.CancelledError):
-        await asyncio.wait_for(saving, 2)
+        await asyncio.wait_for(flushing, 2)
+    await cp.aclose()
+
+
+async def test_a_save_writes_in_its_callers_task() -> None:
+    """The common path starts no task: the store is called from the saving task itself."""
+    store = InMemoryCheckpointStore()
+    rec = Recorder(store)
+    seen: list[asyncio.Task[object] | None] = []
+    inner_save = rec.save
+
+    async def save(checkpoint: object) -> None:
+        seen.append(asyncio.current_task())
+        await inner_save(checkpoint)
+
+    rec.save = save  # type: ignore[method-assign]
+    if hasattr(rec, "append"):
+        inner_append = rec.append
+
+        async def append(checkpoint: object, **kw: object) -> None:
+            seen.append(asyncio.current_task())
+            await inner_append(checkpoint, **kw)
+
+        rec.append = append  # type: ignore[method-assign]
+    cp = new_checkpointer(rec, META, throttle=0)
+    await cp.save(state(1))
+    await cp.save(state(2))
+    assert seen == [asyncio.current_task()] * 2
+    assert await stored_iteration(store) == 2
+
+
+async def test_a_save_cancelled_while_waiting_for_the_lock_is_still_written() -> None:
+    """Cancelled behind another write, the save's state is still written (by a task the
+    checkpointer owns), and complete() waits for it before deleting."""
+    store = InMemoryCheckpointStore()
+    rec = Recorder(store)
+    rec.gate = asyncio.Event()
+    cp = new_checkpointer(rec, META, throttle=0)
+    first = asyncio.ensure_future(cp.save(state(1)))
+    await rec.entered.wait()
+    second = asyncio.ensure_future(cp.save(state(2)))
+    await settle()
+    second.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await second
+    rec.gate.set()
+    await first
+    await drain()
+    assert rec.saved == [1, 2]
+    assert await stored_iteration(store) == 2
+    await cp.complete()
+    assert await store.load("run-1") is None
+
+
+async def test_aclose_waits_for_a_save_writing_in_another_task() -> None:
+    store = InMemoryCheckpointStore()
+    rec = Recorder(store)
+    rec.gate = asyncio.Event()
+    cp = new_checkpointer(rec, META, throttle=0)
+    saving = asyncio.ensure_future(cp.save(state(1)))
+    await rec.entered.wait()
+    closing = asyncio.ensure_future(cp.aclose())
+    await settle()
+    assert not closing.done()
+    rec.gate.set()
+    await asyncio.wait_for(closing, 2)
+    assert saving.done() and rec.saved == [1]
 
 
 # -- finalize ---------------------------------------------------------------------------------
