@@ -37,6 +37,11 @@ class Append:
     epoch: int
     values: Mapping[str, Any]
     """Values of ``_rows.APPENDED`` columns (``message_count`` included)."""
+    identity: bool = True
+    """Whether to write the identity columns (``_rows.META_FIELDS``) too. False when this
+    store wrote this very meta at this epoch already: the backends then leave them as stored
+    (on PostgreSQL a re-set large ``prompt``/``inputs`` would be TOASTed anew at every save;
+    either way they need not travel with every append)."""
 
 
 def boundary_sets(new: Callable[[str], str], old: str = "") -> str:

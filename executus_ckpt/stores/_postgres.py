@@ -34,17 +34,25 @@ _SET = _rows.APPENDED
 
 
 def _batch_sql() -> str:
-    cols = ["run_id", *_SET, "add_size", "base", "max_bytes"]
+    cols = ["run_id", *_SET, "add_size", "base", "max_bytes", "identity"]
     types = [
         _rows.PG_TYPES["run_id"],
         *(_rows.PG_TYPES[c] for c in _SET),
         "BIGINT",
         "INT",
         "BIGINT",
+        "BOOLEAN",
     ]
     arrays = ", ".join(f"${i}::{ty}[]" for i, ty in enumerate(types, start=1))
     n = len(cols)
-    sets = ", ".join(f"{c} = v.{c}" for c in _SET)
+    # An identity column left as stored is set to its own stored datum (a TOASTed value
+    # keeps its TOAST pointer: nothing is rewritten).
+    sets = ", ".join(
+        f"{c} = CASE WHEN v.identity THEN v.{c} ELSE t.{c} END"
+        if c in _rows.META_FIELDS
+        else f"{c} = v.{c}"
+        for c in _SET
+    )
     return (
         f"WITH v AS (SELECT * FROM unnest({arrays}) AS v({', '.join(cols)})), "
         f"h AS (UPDATE {_H} AS t SET {sets}, size_bytes = t.size_bytes + v.add_size, "
@@ -66,11 +74,22 @@ per connection, with a catalog query that takes 7-25 ms (the first save on every
 connection, so the first save of a run on a fresh store). Scalars need none."""
 
 
+_IDENTITY = frozenset(_rows.META_FIELDS)
+_PROGRESS = tuple(c for c in _SET if c not in _IDENTITY)
+"""What an append sets when the run's identity columns are stored already."""
+
+
+def _set_of(identity: bool) -> tuple[str, ...]:
+    return _SET if identity else _PROGRESS
+
+
 @functools.cache
-def _single_sql(count: int | None) -> str:
-    """The one-statement append of ``count`` messages (``None``: any number, as arrays)."""
-    sets = ", ".join(f"{c} = ${i}" for i, c in enumerate(_SET, start=2))
-    n = len(_SET) + 2
+def _single_sql(count: int | None, identity: bool = True) -> str:
+    """The one-statement append of ``count`` messages (``None``: any number, as arrays);
+    ``identity``: set the identity columns too."""
+    columns = _set_of(identity)
+    sets = ", ".join(f"{c} = ${i}" for i, c in enumerate(columns, start=2))
+    n = len(columns) + 2
     base = f"${n + 1}"
     if count is None:
         rows = f"unnest(${n + 3}::bytea[]) WITH ORDINALITY AS x(d, k)"
@@ -85,8 +104,9 @@ def _single_sql(count: int | None) -> str:
     )
     return (
         f"WITH h AS (UPDATE {_H} SET {sets}, size_bytes = size_bytes + ${n}, "
-        f"{boundary_sets(lambda c: f'${2 + _SET.index(c)}::{_rows.PG_TYPES[c]}')} "
-        f"WHERE run_id = $1 AND epoch <= ${2 + _SET.index('epoch')} AND message_count = {base} "
+        f"{boundary_sets(lambda c: f'${2 + columns.index(c)}::{_rows.PG_TYPES[c]}')} "
+        f"WHERE run_id = $1 AND epoch <= ${2 + columns.index('epoch')} "
+        f"AND message_count = {base} "
         f"AND size_bytes + ${n} <= ${n + 2} RETURNING 1){insert} "
         "SELECT count(*) FROM h"
     )
@@ -98,23 +118,27 @@ _BATCH_APPEND = _batch_sql()
 async def _append_one(connection: Any, a: Append, timeout: float | None = None) -> bool:  # noqa: ASYNC109
     """One statement, one round trip, atomic on its own (``connection``: asyncpg, no txn);
     ``timeout``: seconds, else the connection's ``command_timeout``."""
-    header = (a.run_id, *(a.values[c] for c in _SET), a.size, a.base, a.max_bytes)
+    values = a.values
+    header = (a.run_id, *[values[c] for c in _set_of(a.identity)], a.size, a.base, a.max_bytes)
     if len(a.rows) <= VALUES_MAX:
-        sql, args = _single_sql(len(a.rows)), (*header, *a.rows)
+        sql, args = _single_sql(len(a.rows), a.identity), (*header, *a.rows)
     else:
-        sql, args = _single_sql(None), (*header, list(a.rows))
+        sql, args = _single_sql(None, a.identity), (*header, list(a.rows))
     return bool(await connection.fetchval(sql, *args, timeout=timeout))
 
 
 async def _append_batch(connection: Any, batch: Sequence[Append]) -> set[str]:
     """Many runs' appends in one statement (one round trip, one commit); returns the run ids
     whose guard matched. Run ids in ``batch`` must be distinct."""
-    columns: list[list[Any]] = [[] for _ in range(len(_SET) + 4)]
+    columns: list[list[Any]] = [[] for _ in range(len(_SET) + 5)]
     msg_runs: list[str] = []
     msg_seqs: list[int] = []
     msg_data: list[bytes] = []
     for a in batch:
-        row = (a.run_id, *(a.values[c] for c in _SET), a.size, a.base, a.max_bytes)
+        values = a.values
+        # an identity left as stored travels as NULLs (the statement keeps the stored one)
+        header = [None if c in _IDENTITY and not a.identity else values[c] for c in _SET]
+        row = (a.run_id, *header, a.size, a.base, a.max_bytes, a.identity)
         for column, value in zip(columns, row, strict=True):
             column.append(value)
         msg_runs.extend([a.run_id] * len(a.rows))

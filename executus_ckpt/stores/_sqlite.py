@@ -45,15 +45,23 @@ from ._engine import WRITE_OPTIONS
 logger = logging.getLogger(__name__)
 
 _SET = _rows.APPENDED
+_PROGRESS = tuple(c for c in _SET if c not in _rows.META_FIELDS)
 _TIMES = frozenset(c for c in _SET if isinstance(_rows.header.c[c].type, UTCDateTime))
-_UPDATE = (
-    f"UPDATE {_rows.header.name} SET "
-    + ", ".join(f"{c} = :{c}" for c in _SET)
-    + ", size_bytes = size_bytes + :add_size, "
-    + boundary_sets(lambda c: f":{c}")
-    + " WHERE run_id = :run_id AND epoch <= :epoch AND message_count = :base "
-    "AND size_bytes + :add_size <= :max_bytes"
-)
+
+
+def _update_sql(columns: tuple[str, ...]) -> str:
+    return (
+        f"UPDATE {_rows.header.name} SET "
+        + ", ".join(f"{c} = :{c}" for c in columns)
+        + ", size_bytes = size_bytes + :add_size, "
+        + boundary_sets(lambda c: f":{c}")
+        + " WHERE run_id = :run_id AND epoch <= :epoch AND message_count = :base "
+        "AND size_bytes + :add_size <= :max_bytes"
+    )
+
+
+_UPDATE = {True: _update_sql(_SET), False: _update_sql(_PROGRESS)}
+"""The append's header update, with the identity columns (True) or leaving them as stored."""
 _INSERT = f"INSERT INTO {messages_table.name} (run_id, seq, data) VALUES (?, ?, ?)"
 
 LINGER = 0.005
@@ -69,7 +77,8 @@ def sqlite_time(value: datetime) -> str:
 
 
 def _parameters(a: Append) -> dict[str, Any]:
-    values = {c: sqlite_time(a.values[c]) if c in _TIMES else a.values[c] for c in _SET}
+    columns = _SET if a.identity else _PROGRESS
+    values = {c: sqlite_time(a.values[c]) if c in _TIMES else a.values[c] for c in columns}
     values.update(
         run_id=a.run_id, epoch=a.epoch, base=a.base, add_size=a.size, max_bytes=a.max_bytes
     )
@@ -89,7 +98,7 @@ def _apply(db: sqlite3.Connection, appends: Sequence[Append], begin: bool) -> li
     try:
         applied: list[bool] = []
         for a in appends:
-            ok = db.execute(_UPDATE, _parameters(a)).rowcount == 1
+            ok = db.execute(_UPDATE[a.identity], _parameters(a)).rowcount == 1
             if ok and a.rows:
                 db.executemany(_INSERT, _rows_of(a))
             applied.append(ok)
@@ -110,7 +119,7 @@ async def _apply_in_hops(driver: Any, appends: Sequence[Append], begin: bool) ->
     try:
         applied: list[bool] = []
         for a in appends:
-            cursor = await driver.execute(_UPDATE, _parameters(a))
+            cursor = await driver.execute(_UPDATE[a.identity], _parameters(a))
             ok = cursor.rowcount == 1
             if ok and a.rows:
                 await driver.executemany(_INSERT, _rows_of(a))

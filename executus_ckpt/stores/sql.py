@@ -46,6 +46,7 @@ from ..types import (
     ExecutorInfo,
     JSONValue,
     RunCheckpoint,
+    RunCheckpointMeta,
     utcnow,
 )
 from . import _rows
@@ -66,6 +67,9 @@ from ._sqlite import SQLiteBackend
 logger = logging.getLogger(__name__)
 
 __all__ = ["SQLCheckpointStore", "SQLiteSynchronous"]
+
+_IDENTITIES_MAX = 4096
+"""Runs whose written identity a store remembers (a cache: see ``SQLCheckpointStore.append``)."""
 
 
 class SQLCheckpointStore:
@@ -130,6 +134,9 @@ class SQLCheckpointStore:
             self._insert = postgresql.insert
             self._backend = PostgresBackend(engine)
         self._schema_checked = False
+        # run id -> (meta object, epoch) whose identity columns this store last wrote: an
+        # append of that very meta at that epoch leaves them as stored (see append()).
+        self._identities: dict[str, tuple[RunCheckpointMeta, int]] = {}
         self._schema_lock = asyncio.Lock()
         self._file: tuple[int, int] | None = None
         self._closed = False
@@ -295,6 +302,10 @@ class SQLCheckpointStore:
         tail_size = sum(map(len, tail))
         values = _rows.values_of(checkpoint, completed_phases=phases)
         values.update(message_count=base + len(tail))
+        # The identity columns go only with a meta this store has not written at this epoch
+        # (the checkpointer's appends after begin() leave them as stored).
+        known = self._identities.get(run_id)
+        fresh = known is None or known[0] is not checkpoint.meta or known[1] != checkpoint.epoch
         append = Append(
             run_id=run_id,
             base=base,
@@ -303,11 +314,14 @@ class SQLCheckpointStore:
             max_bytes=self._max_bytes,
             epoch=checkpoint.epoch,
             values=values,
+            identity=fresh,
         )
         await self._ready_to_write()
         with mapped_errors(self._engine.url, "saving", run_id, timeout=self._timeout):
             applied = await self._backend.append(append, self._timeout)
         if applied:
+            if append.identity:
+                self._wrote_identity(checkpoint.meta, checkpoint.epoch)
             count = base + len(tail)
             telemetry.note_save(
                 logger, run_id, checkpoint.iteration, "append", len(tail), tail_size, count
@@ -375,7 +389,15 @@ class SQLCheckpointStore:
             await self._insert_messages(conn, run_id, 0, rows)
 
         await self._write("saving", run_id, op)
+        self._wrote_identity(checkpoint.meta, checkpoint.epoch)
         telemetry.note_save(logger, run_id, checkpoint.iteration, path, len(rows), size, len(rows))
+
+    def _wrote_identity(self, meta: RunCheckpointMeta, epoch: int) -> None:
+        """The run's row now holds ``meta``'s identity columns at ``epoch``."""
+        identities = self._identities
+        if len(identities) >= _IDENTITIES_MAX and meta.run_id not in identities:
+            identities.clear()  # only a cache: a forgotten run's next append writes them
+        identities[meta.run_id] = (meta, epoch)
 
     @staticmethod
     async def _insert_messages(
@@ -427,6 +449,7 @@ class SQLCheckpointStore:
             return int(epoch)
 
         epoch = await self._write("registering", meta.run_id, op)
+        self._wrote_identity(meta, int(epoch))
         logger.debug(
             "registered run %s at epoch %d",
             meta.run_id,
@@ -506,6 +529,7 @@ class SQLCheckpointStore:
                 await conn.execute(messages.delete().where(messages.c.run_id == run_id))
             return deleted
 
+        self._identities.pop(run_id, None)
         return await self._write("deleting", run_id, op)
 
     def _db_clock(self) -> Any:

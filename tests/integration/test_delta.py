@@ -19,6 +19,8 @@ from sqlalchemy.util import await_only
 
 from executus_ckpt import (
     CheckpointFencedError,
+    RunCheckpoint,
+    RunCheckpointMeta,
     RunCheckpointState,
     RunInfo,
     SQLCheckpointStore,
@@ -209,6 +211,53 @@ async def test_take_over_writes_in_full_then_appends(sql_store: SQLCheckpointSto
         await second.save(RunCheckpointState(messages=resumed, iteration=5))
     assert stats.kinds() == ["UPDATE", "INSERT"]
     assert (await sql_store.load("r")).messages == resumed
+
+
+async def test_appends_leave_the_stored_identity_alone(sql_store: SQLCheckpointStore) -> None:
+    """begin() writes the run's identity (prompt, inputs...); the appends after it do not
+    send it again: a save's parameters stay O(new messages) whatever the inputs' size (on
+    PostgreSQL a re-set large value would also be TOASTed anew at every save)."""
+    big = "q" * 50_000
+    factory = StoreCheckpointerFactory(sql_store)
+    cp = await factory.begin(RunInfo("r", name="agent", inputs={"prompt": big, "doc": big}))
+    transcript: list[Any] = iteration_messages(0)
+    await cp.save(RunCheckpointState(messages=transcript, iteration=1))
+    for i in range(1, 4):
+        transcript += iteration_messages(i)
+        async with counting(sql_store) as stats:
+            await cp.save(RunCheckpointState(messages=transcript, iteration=i + 1))
+        assert stats.kinds() == ["UPDATE", "INSERT"], stats.on_table()
+        sent = " ".join(_text(p) for _, p in stats.on_table())
+        assert big not in sent, "an append re-sent the run's prompt/inputs"
+        assert len(sent) < 3 * 2000 + 2000, "parameters are O(new messages)"
+    loaded = await sql_store.load("r")
+    assert loaded is not None and loaded.meta == cp.meta
+    assert loaded.meta.prompt == big and loaded.messages == transcript
+
+
+async def test_an_append_with_another_meta_writes_it(sql_store: SQLCheckpointStore) -> None:
+    """The store skips the identity only for the very meta it wrote at that epoch: a direct
+    append with a different meta (even an equal, new object) stores it."""
+    first = RunCheckpoint(RunCheckpointMeta("r", prompt="first"), messages=[{"n": 0}])
+    await sql_store.save(first)
+    second = RunCheckpoint(
+        RunCheckpointMeta("r", prompt="second", agent_name="b"),
+        messages=[{"n": 0}, {"n": 1}],
+        iteration=2,
+    )
+    async with counting(sql_store) as stats:
+        await sql_store.append(second, base_count=1)
+    assert "second" in " ".join(_text(p) for _, p in stats.on_table())
+    loaded = await sql_store.load("r")
+    assert loaded is not None and loaded.meta == second.meta and loaded.iteration == 2
+    third = RunCheckpoint(
+        RunCheckpointMeta("r", prompt="second", agent_name="b"),
+        messages=[{"n": 0}, {"n": 1}, {"n": 2}],
+        iteration=3,
+    )
+    await sql_store.append(third, base_count=2)
+    loaded = await sql_store.load("r")
+    assert loaded is not None and loaded.meta == second.meta and loaded.iteration == 3
 
 
 async def test_reload_after_restart_returns_exactly_what_was_saved(sql_url: str) -> None:

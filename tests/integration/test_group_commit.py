@@ -237,6 +237,52 @@ async def test_pg_concurrent_appends_share_statements(pg_store: SQLCheckpointSto
         assert loaded.messages == transcripts[i]
 
 
+async def test_pg_batches_write_or_keep_each_runs_identity(pg_store: SQLCheckpointStore) -> None:
+    """In a multi-run statement each append keeps its run's stored identity or writes a new
+    one: checkpointer appends leave a large prompt as stored (not sent again), direct appends
+    with another meta in the same batches store it."""
+    big = "q" * 20_000
+    factory = StoreCheckpointerFactory(pg_store)
+    cps = [await factory.begin(RunInfo(f"kept-{i}", inputs={"prompt": big})) for i in range(12)]
+    transcripts: list[list[Any]] = [[{"n": 0}] for _ in cps]
+    for c, t in zip(cps, transcripts, strict=True):
+        await c.save(RunCheckpointState(messages=t, iteration=0))
+    await asyncio.gather(*(pg_store.save(cp(f"moved-{i}", 1)) for i in range(12)))
+    args: list[Any] = []
+
+    def on_checkout(dbapi_connection: Any, record: Any, proxy: Any) -> None:
+        dbapi_connection.driver_connection.add_query_logger(lambda q: args.append(q.args))
+
+    event.listen(pg_store.engine.sync_engine, "checkout", on_checkout)
+    moved = [
+        RunCheckpoint(
+            RunCheckpointMeta(f"moved-{i}", prompt=f"new prompt {i}"),
+            messages=[{"n": k} for k in range(2)],
+            iteration=2,
+        )
+        for i in range(12)
+    ]
+    for t in transcripts:
+        t.append({"n": 1})
+    await asyncio.gather(
+        *(
+            c.save(RunCheckpointState(messages=t, iteration=1))
+            for c, t in zip(cps, transcripts, strict=True)
+        ),
+        *(pg_store.append(m, base_count=1) for m in moved),
+    )
+    for _ in range(3):
+        await asyncio.sleep(0)  # asyncpg runs query loggers as tasks
+    event.remove(pg_store.engine.sync_engine, "checkout", on_checkout)
+    assert args and all(big not in repr(a) for a in args), "an append re-sent the prompt"
+    for c, t in zip(cps, transcripts, strict=True):
+        loaded = await pg_store.load(c.run_id)
+        assert loaded is not None and loaded.meta == c.meta and loaded.messages == t
+    for m in moved:
+        loaded = await pg_store.load(m.run_id)
+        assert loaded is not None and loaded.meta == m.meta and loaded.messages == m.messages
+
+
 async def test_pg_batch_member_with_a_stale_base_falls_back(pg_store: SQLCheckpointStore) -> None:
     await asyncio.gather(*(pg_store.save(cp(f"r{i}", 2)) for i in range(5)))
     # r2's writer believes 3 messages are stored; there are 2: it must be rewritten in full,

@@ -18,6 +18,7 @@ import pytest
 
 from executus_ckpt import (
     CheckpointStatus,
+    CheckpointSummary,
     InMemoryCheckpointStore,
     RunCheckpoint,
     RunCheckpointMeta,
@@ -408,6 +409,40 @@ async def test_two_concurrent_passes_dispatch_each_run_once(
     assert await store.list_interrupted() == []
 
 
+class _Listed:
+    """``store``, setting ``listed`` once a listing of it has read its first page."""
+
+    def __init__(self, store: Any, listed: asyncio.Event) -> None:
+        self._store = store
+        self._listed = listed
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    async def iter_summaries(self, **kw: Any) -> AsyncIterator[CheckpointSummary]:
+        try:
+            async for summary in self._store.iter_summaries(**kw):
+                self._listed.set()
+                yield summary
+        finally:
+            self._listed.set()
+
+
+class _ClaimsAfter:
+    """``store``, whose claims wait for ``event``."""
+
+    def __init__(self, store: Any, event: asyncio.Event) -> None:
+        self._store = store
+        self._event = event
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    async def claim(self, run_id: str, **kw: Any) -> RunCheckpoint | None:
+        await self._event.wait()
+        return await self._store.claim(run_id, **kw)
+
+
 @pytest.mark.parametrize("page_size", [None, 2], ids=["default-pages", "small-pages"])
 async def test_slower_concurrent_pass_does_not_reclaim_runs_claimed_by_the_other(
     store: Any, page_size: int | None
@@ -415,7 +450,13 @@ async def test_slower_concurrent_pass_does_not_reclaim_runs_claimed_by_the_other
     # Both replicas start their pass at the same moment; B is slow (its first dispatch only
     # returns once A's whole pass is over). Runs A claimed meanwhile are A's: B must report
     # them lost or not list them, never claim them a second time.
+    # B claims only once A has listed: owners "a" and "b" are no registered executors, so a
+    # run B claimed before A's listing read it would be, by contract, interrupted again (an
+    # owner that never registered is not alive) and A would rightly take it. Which pass
+    # reaches the database first is otherwise up to connection checkouts.
     view = store if page_size is None else paged(store, page_size)
+    a_listed = asyncio.Event()
+    view_a, view_b = _Listed(view, a_listed), _ClaimsAfter(view, a_listed)
     run_ids = [f"r{i:02d}" for i in range(10)]
     await save_all(store, [interrupted(r, age=100 - i) for i, r in enumerate(run_ids)])
     a_done = asyncio.Event()
@@ -430,12 +471,12 @@ async def test_slower_concurrent_pass_does_not_reclaim_runs_claimed_by_the_other
 
     async def pass_a() -> RecoveryReport:
         try:
-            return await recover_interrupted(view, dispatch_a, concurrency=4, owner="a")
+            return await recover_interrupted(view_a, dispatch_a, concurrency=4, owner="a")
         finally:
             a_done.set()
 
     a, b = await asyncio.gather(
-        pass_a(), recover_interrupted(view, dispatch_b, concurrency=1, owner="b")
+        pass_a(), recover_interrupted(view_b, dispatch_b, concurrency=1, owner="b")
     )
     both = sorted(set(by["a"]) & set(by["b"]))
     assert both == [], f"claimed and dispatched by both replicas: {both}"
