@@ -33,40 +33,6 @@ _M = messages_table.name
 _SET = _rows.APPENDED
 
 
-def _batch_sql() -> str:
-    cols = ["run_id", *_SET, "add_size", "base", "max_bytes", "identity"]
-    types = [
-        _rows.PG_TYPES["run_id"],
-        *(_rows.PG_TYPES[c] for c in _SET),
-        "BIGINT",
-        "INT",
-        "BIGINT",
-        "BOOLEAN",
-    ]
-    arrays = ", ".join(f"${i}::{ty}[]" for i, ty in enumerate(types, start=1))
-    n = len(cols)
-    # An identity column left as stored is set to its own stored datum (a TOASTed value
-    # keeps its TOAST pointer: nothing is rewritten).
-    sets = ", ".join(
-        f"{c} = CASE WHEN v.identity THEN v.{c} ELSE t.{c} END"
-        if c in _rows.META_FIELDS
-        else f"{c} = v.{c}"
-        for c in _SET
-    )
-    return (
-        f"WITH v AS (SELECT * FROM unnest({arrays}) AS v({', '.join(cols)})), "
-        f"h AS (UPDATE {_H} AS t SET {sets}, size_bytes = t.size_bytes + v.add_size, "
-        f"{boundary_sets(lambda c: f'v.{c}', 't.')} "
-        "FROM v WHERE t.run_id = v.run_id AND t.epoch <= v.epoch "
-        "AND t.message_count = v.base AND t.size_bytes + v.add_size <= v.max_bytes "
-        "RETURNING t.run_id), "
-        f"ins AS (INSERT INTO {_M} (run_id, seq, data) "
-        f"SELECT x.r, x.s, x.d FROM unnest(${n + 1}::text[], ${n + 2}::int[], "
-        f"${n + 3}::bytea[]) AS x(r, s, d) WHERE x.r IN (SELECT run_id FROM h)) "
-        "SELECT run_id FROM h"
-    )
-
-
 VALUES_MAX = 16
 """Appends of up to this many messages list them as parameters (``VALUES``) rather than as
 arrays: asyncpg has no built-in codec for ``int[]`` or ``bytea[]`` and introspects them, once
@@ -112,7 +78,39 @@ def _single_sql(count: int | None, identity: bool = True) -> str:
     )
 
 
-_BATCH_APPEND = _batch_sql()
+@functools.cache
+def _batch_sql(identity: bool) -> str:
+    """Many runs' appends as one statement, one array per column; ``identity``: with the
+    identity columns, each row's flag saying whether to set them or keep the stored ones
+    (without: every row keeps them, and nine arrays fewer travel)."""
+    columns = _set_of(identity)
+    cols = ["run_id", *columns, "add_size", "base", "max_bytes"]
+    types = [_rows.PG_TYPES[c] for c in ("run_id", *columns)] + ["BIGINT", "INT", "BIGINT"]
+    if identity:
+        cols.append("identity")
+        types.append("BOOLEAN")
+    arrays = ", ".join(f"${i}::{ty}[]" for i, ty in enumerate(types, start=1))
+    n = len(cols)
+    # An identity column left as stored is set to its own stored datum (a TOASTed value
+    # keeps its TOAST pointer: nothing is rewritten).
+    sets = ", ".join(
+        f"{c} = CASE WHEN v.identity THEN v.{c} ELSE t.{c} END"
+        if c in _IDENTITY
+        else f"{c} = v.{c}"
+        for c in columns
+    )
+    return (
+        f"WITH v AS (SELECT * FROM unnest({arrays}) AS v({', '.join(cols)})), "
+        f"h AS (UPDATE {_H} AS t SET {sets}, size_bytes = t.size_bytes + v.add_size, "
+        f"{boundary_sets(lambda c: f'v.{c}', 't.')} "
+        "FROM v WHERE t.run_id = v.run_id AND t.epoch <= v.epoch "
+        "AND t.message_count = v.base AND t.size_bytes + v.add_size <= v.max_bytes "
+        "RETURNING t.run_id), "
+        f"ins AS (INSERT INTO {_M} (run_id, seq, data) "
+        f"SELECT x.r, x.s, x.d FROM unnest(${n + 1}::text[], ${n + 2}::int[], "
+        f"${n + 3}::bytea[]) AS x(r, s, d) WHERE x.r IN (SELECT run_id FROM h)) "
+        "SELECT run_id FROM h"
+    )
 
 
 async def _append_one(connection: Any, a: Append, timeout: float | None = None) -> bool:  # noqa: ASYNC109
@@ -130,21 +128,26 @@ async def _append_one(connection: Any, a: Append, timeout: float | None = None) 
 async def _append_batch(connection: Any, batch: Sequence[Append]) -> set[str]:
     """Many runs' appends in one statement (one round trip, one commit); returns the run ids
     whose guard matched. Run ids in ``batch`` must be distinct."""
-    columns: list[list[Any]] = [[] for _ in range(len(_SET) + 5)]
+    identity = any(a.identity for a in batch)
+    names = _set_of(identity)
+    columns: list[list[Any]] = [[] for _ in range(len(names) + 4 + identity)]
     msg_runs: list[str] = []
     msg_seqs: list[int] = []
     msg_data: list[bytes] = []
     for a in batch:
         values = a.values
         # an identity left as stored travels as NULLs (the statement keeps the stored one)
-        header = [None if c in _IDENTITY and not a.identity else values[c] for c in _SET]
-        row = (a.run_id, *header, a.size, a.base, a.max_bytes, a.identity)
+        header = [None if c in _IDENTITY and not a.identity else values[c] for c in names]
+        row = [a.run_id, *header, a.size, a.base, a.max_bytes]
+        if identity:
+            row.append(a.identity)
         for column, value in zip(columns, row, strict=True):
             column.append(value)
         msg_runs.extend([a.run_id] * len(a.rows))
         msg_seqs.extend(range(a.base, a.base + len(a.rows)))
         msg_data.extend(a.rows)
-    rows = await connection.fetch(_BATCH_APPEND, *columns, msg_runs, msg_seqs, msg_data)
+    sql = _batch_sql(identity)
+    rows = await connection.fetch(sql, *columns, msg_runs, msg_seqs, msg_data)
     return {r[0] for r in rows}
 
 
