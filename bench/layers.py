@@ -128,6 +128,7 @@ async def interleaved(url: str, runs: int) -> dict[str, float]:
                     max_bytes=1 << 40,
                     epoch=c.epoch,
                     values=values,
+                    identity=False,  # as the store sends it: C's identity is stored
                 )
                 start = time.perf_counter()
                 assert await _postgres._append_one(raw, append)
