@@ -10,6 +10,7 @@ over the plain save path and the append path. The store-free semantics are in
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -150,6 +151,33 @@ async def test_200_concurrent_saves_end_with_the_newest_state(store: Any) -> Non
         assert rec.saved == list(range(1, 201))
     else:
         assert len(rec.saved) < 200, "saves queued behind a write are coalesced"
+
+
+@pytest.mark.parametrize("turns", [1, 2, 3, 5, 8])
+async def test_a_save_cancelled_mid_write_is_still_stored_exactly(store: Any, turns: int) -> None:
+    """A save writes in its caller's task: cancelled ``turns`` loop turns after it started
+    (waiting for its statement, or after it was applied; on PostgreSQL the statement itself
+    is cancelled), its state is still written, by a task the checkpointer owns, and what
+    is stored is exactly that state whether or not the interrupted write was applied."""
+    cp = new_checkpointer(store, META, throttle=0)
+    transcript: list[Any] = [{"i": 0}]
+    await cp.save(state(1, transcript))
+    await cp.save(state(2, transcript := [*transcript, {"i": 1}]))
+    transcript = [*transcript, {"i": 2}, {"i": 3}]
+    saving = asyncio.ensure_future(cp.save(state(3, transcript)))
+    for _ in range(turns):
+        await asyncio.sleep(0)
+    saving.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await saving
+    await cp.aclose()  # waits for the write the cancelled save handed over
+    loaded = await store.load("run-1")
+    assert loaded is not None and loaded.iteration == 3
+    assert list(loaded.messages) == transcript
+    again = new_checkpointer(store, META, throttle=0)
+    await again.save(state(4, [*transcript, {"i": 4}]))  # the run goes on from there
+    loaded = await store.load("run-1")
+    assert loaded is not None and list(loaded.messages) == [*transcript, {"i": 4}]
 
 
 async def test_200_concurrent_throttled_saves_end_with_the_newest_state(store: Any) -> None:
