@@ -22,7 +22,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.types import TypeDecorator
 
-REQUIRED_REVISION: Final = "0005"
+REQUIRED_REVISION: Final = "0006"
 """The alembic revision this version of the library reads and writes."""
 
 metadata = MetaData()
@@ -87,8 +87,11 @@ run_checkpoints = Table(
     # crash loops (0003): the last save and the last recovery claim
     Column("progress_at", UTCDateTime),
     Column("claimed_at", UTCDateTime),
-    Index("ix_run_checkpoints_status_updated_at", "status", "updated_at", "run_id"),
-    Index("ix_run_checkpoints_agent_status_updated_at", "agent_id", "status", "updated_at"),
+    # No index holds updated_at (0006): every save sets it, and an indexed column that
+    # changes makes each save write an entry in every index (no in-place HOT update on
+    # PostgreSQL). Listings filter through these and sort the matching rows.
+    Index("ix_run_checkpoints_status", "status"),
+    Index("ix_run_checkpoints_agent_status", "agent_id", "status"),
     Index("ix_run_checkpoints_owner", "owner"),
 )
 

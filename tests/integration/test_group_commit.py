@@ -296,6 +296,38 @@ async def test_pg_batch_member_with_a_stale_base_falls_back(pg_store: SQLCheckpo
         assert loaded.messages == [{"n": k} for k in range(4)], i
 
 
+async def test_pg_saves_update_the_header_in_place(pg_url: str) -> None:
+    """No index holds a column that a save changes (migration 0006): PostgreSQL updates the
+    run's row in place (HOT) instead of writing an entry in each of its indexes."""
+    import asyncpg
+
+    async with SQLCheckpointStore.open(pg_url) as store:
+        factory = StoreCheckpointerFactory(store)
+        run = await factory.begin(RunInfo("hot", inputs={"prompt": "p"}))
+        transcript: list[Any] = []
+        for i in range(1, 41):
+            transcript.append({"n": i, "pad": "x" * 300})
+            phases = ["plan"] if i > 20 else []  # one boundary on the way
+            await run.save(RunCheckpointState(transcript, i, phases))
+    # The store's connections are closed: their backends report their statistics as they
+    # exit (asynchronously: poll, bounded).
+    dsn = pg_url.replace("postgresql+asyncpg://", "postgresql://")
+    conn = await asyncpg.connect(dsn)
+    try:
+        for _ in range(100):
+            updated, hot = await conn.fetchrow(
+                "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables "
+                "WHERE relname = 'run_checkpoints'"
+            )
+            if updated >= 40:
+                break
+            await asyncio.sleep(0.1)
+    finally:
+        await conn.close()
+    assert updated >= 40, f"statistics not reported: {updated} updates"
+    assert hot >= 0.9 * updated, f"only {hot} of {updated} header updates were HOT"
+
+
 @pytest.mark.parametrize("added", [0, 1, 3, 16, 17, 40])
 async def test_pg_append_of_any_length(pg_store: SQLCheckpointStore, added: int) -> None:
     # Up to VALUES_MAX messages are listed as parameters (no array types for asyncpg to

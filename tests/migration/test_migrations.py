@@ -332,11 +332,11 @@ async def test_no_autogenerate_diff_after_upgrade(empty_sql_url: str) -> None:
 async def test_autogenerate_diff_detects_a_drift(empty_sql_url: str) -> None:
     """The diff check above is live: a missing index is reported."""
     await migrate(empty_sql_url)
-    await _execute(empty_sql_url, "DROP INDEX ix_run_checkpoints_agent_status_updated_at")
+    await _execute(empty_sql_url, "DROP INDEX ix_run_checkpoints_agent_status")
     async with _engine(empty_sql_url) as engine, engine.connect() as conn:
         diff = await conn.run_sync(_autogenerate_diff)
     assert [d[0] for d in diff] == ["add_index"]
-    assert diff[0][1].name == "ix_run_checkpoints_agent_status_updated_at"
+    assert diff[0][1].name == "ix_run_checkpoints_agent_status"
 
 
 # -- the store's revision check -----------------------------------------------------------------
