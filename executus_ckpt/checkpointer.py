@@ -8,7 +8,7 @@ import functools
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -358,12 +358,18 @@ class StoreCheckpointer:
             await self._locked_write(seq)
         except asyncio.CancelledError:
             if self._state is _State.OPEN or self._state is _State.CLOSED:
-                task = asyncio.get_running_loop().create_task(
-                    self._locked_write(seq), name=f"executus_ckpt.write:{self.run_id}"
-                )
-                self._writes.add(task)
-                task.add_done_callback(self._write_done)
+                self._spawn_write(self._locked_write(seq))
             raise
+
+    def _spawn_write(self, write: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Run ``write`` as a task this checkpointer owns (``aclose``/``complete`` wait for
+        it; its error is retrieved and the state stays pending)."""
+        task = asyncio.get_running_loop().create_task(
+            write, name=f"executus_ckpt.write:{self.run_id}"
+        )
+        self._writes.add(task)
+        task.add_done_callback(self._write_done)
+        return task
 
     async def _writes_done(self) -> None:
         """Wait until no write is in flight (write tasks, and saves writing in their own
@@ -383,13 +389,8 @@ class StoreCheckpointer:
         ``asyncio.shield``, minus the event-loop turn of shield's done-callback on the
         common path; a failed or cancelled write settles it from its done-callback.
         """
-        loop = asyncio.get_running_loop()
-        outcome: asyncio.Future[None] = loop.create_future()
-        task = loop.create_task(
-            self._write_and_report(seq, outcome), name=f"executus_ckpt.write:{self.run_id}"
-        )
-        self._writes.add(task)
-        task.add_done_callback(self._write_done)
+        outcome: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        task = self._spawn_write(self._write_and_report(seq, outcome))
         task.add_done_callback(functools.partial(_settle_outcome, outcome))
         await outcome
 

@@ -30,7 +30,6 @@ logger = logging.getLogger(__name__)
 
 _H = _rows.header.name
 _M = messages_table.name
-_SET = _rows.APPENDED
 
 
 VALUES_MAX = 16
@@ -41,19 +40,13 @@ connection, so the first save of a run on a fresh store). Scalars need none."""
 
 
 _IDENTITY = frozenset(_rows.META_FIELDS)
-_PROGRESS = tuple(c for c in _SET if c not in _IDENTITY)
-"""What an append sets when the run's identity columns are stored already."""
-
-
-def _set_of(identity: bool) -> tuple[str, ...]:
-    return _SET if identity else _PROGRESS
 
 
 @functools.cache
 def _single_sql(count: int | None, identity: bool = True) -> str:
     """The one-statement append of ``count`` messages (``None``: any number, as arrays);
     ``identity``: set the identity columns too."""
-    columns = _set_of(identity)
+    columns = _rows.appended(identity)
     sets = ", ".join(f"{c} = ${i}" for i, c in enumerate(columns, start=2))
     n = len(columns) + 2
     base = f"${n + 1}"
@@ -83,7 +76,7 @@ def _batch_sql(identity: bool) -> str:
     """Many runs' appends as one statement, one array per column; ``identity``: with the
     identity columns, each row's flag saying whether to set them or keep the stored ones
     (without: every row keeps them, and nine arrays fewer travel)."""
-    columns = _set_of(identity)
+    columns = _rows.appended(identity)
     cols = ["run_id", *columns, "add_size", "base", "max_bytes"]
     types = [_rows.PG_TYPES[c] for c in ("run_id", *columns)] + ["BIGINT", "INT", "BIGINT"]
     if identity:
@@ -116,8 +109,8 @@ def _batch_sql(identity: bool) -> str:
 async def _append_one(connection: Any, a: Append, timeout: float | None = None) -> bool:  # noqa: ASYNC109
     """One statement, one round trip, atomic on its own (``connection``: asyncpg, no txn);
     ``timeout``: seconds, else the connection's ``command_timeout``."""
-    values = a.values
-    header = (a.run_id, *[values[c] for c in _set_of(a.identity)], a.size, a.base, a.max_bytes)
+    values = [a.values[c] for c in _rows.appended(a.identity)]
+    header = (a.run_id, *values, a.size, a.base, a.max_bytes)
     if len(a.rows) <= VALUES_MAX:
         sql, args = _single_sql(len(a.rows), a.identity), (*header, *a.rows)
     else:
@@ -129,7 +122,7 @@ async def _append_batch(connection: Any, batch: Sequence[Append]) -> set[str]:
     """Many runs' appends in one statement (one round trip, one commit); returns the run ids
     whose guard matched. Run ids in ``batch`` must be distinct."""
     identity = any(a.identity for a in batch)
-    names = _set_of(identity)
+    names = _rows.appended(identity)
     columns: list[list[Any]] = [[] for _ in range(len(names) + 4 + identity)]
     msg_runs: list[str] = []
     msg_seqs: list[int] = []

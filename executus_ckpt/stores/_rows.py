@@ -68,6 +68,15 @@ TAKEN_OVER: Final = (*META_FIELDS, "app_version", "owner")
 APPENDED: Final = tuple(n for n in SAVED if n != "size_bytes")
 """Columns an append sets (``size_bytes`` is incremented instead)."""
 
+APPENDED_PROGRESS: Final = tuple(n for n in APPENDED if n not in META_FIELDS)
+"""Columns an append sets when the run's identity columns are stored already."""
+
+
+def appended(identity: bool) -> tuple[str, ...]:
+    """The columns an append sets, with the identity columns or without."""
+    return APPENDED if identity else APPENDED_PROGRESS
+
+
 _missing = set(header.c.keys()) ^ set(COLUMNS)
 if _missing:  # pragma: no cover - caught by every test run
     raise RuntimeError(f"run_checkpoints columns and dataclass fields differ: {sorted(_missing)}")

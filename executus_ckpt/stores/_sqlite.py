@@ -45,7 +45,6 @@ from ._engine import WRITE_OPTIONS
 logger = logging.getLogger(__name__)
 
 _SET = _rows.APPENDED
-_PROGRESS = tuple(c for c in _SET if c not in _rows.META_FIELDS)
 _TIMES = frozenset(c for c in _SET if isinstance(_rows.header.c[c].type, UTCDateTime))
 
 
@@ -60,7 +59,7 @@ def _update_sql(columns: tuple[str, ...]) -> str:
     )
 
 
-_UPDATE = {True: _update_sql(_SET), False: _update_sql(_PROGRESS)}
+_UPDATE = {identity: _update_sql(_rows.appended(identity)) for identity in (True, False)}
 """The append's header update, with the identity columns (True) or leaving them as stored."""
 _INSERT = f"INSERT INTO {messages_table.name} (run_id, seq, data) VALUES (?, ?, ?)"
 
@@ -77,7 +76,7 @@ def sqlite_time(value: datetime) -> str:
 
 
 def _parameters(a: Append) -> dict[str, Any]:
-    columns = _SET if a.identity else _PROGRESS
+    columns = _rows.appended(a.identity)
     values = {c: sqlite_time(a.values[c]) if c in _TIMES else a.values[c] for c in columns}
     values.update(
         run_id=a.run_id, epoch=a.epoch, base=a.base, add_size=a.size, max_bytes=a.max_bytes

@@ -409,27 +409,8 @@ async def test_two_concurrent_passes_dispatch_each_run_once(
     assert await store.list_interrupted() == []
 
 
-class _Listed:
-    """``store``, setting ``listed`` once a listing of it has read its first page."""
-
-    def __init__(self, store: Any, listed: asyncio.Event) -> None:
-        self._store = store
-        self._listed = listed
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._store, name)
-
-    async def iter_summaries(self, **kw: Any) -> AsyncIterator[CheckpointSummary]:
-        try:
-            async for summary in self._store.iter_summaries(**kw):
-                self._listed.set()
-                yield summary
-        finally:
-            self._listed.set()
-
-
-class _ClaimsAfter:
-    """``store``, whose claims wait for ``event``."""
+class _Gated:
+    """``store`` seen through a wrapper that shares ``event`` with another one."""
 
     def __init__(self, store: Any, event: asyncio.Event) -> None:
         self._store = store
@@ -437,6 +418,22 @@ class _ClaimsAfter:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._store, name)
+
+
+class _Listed(_Gated):
+    """Sets the event once a listing of the store has read its first page."""
+
+    async def iter_summaries(self, **kw: Any) -> AsyncIterator[CheckpointSummary]:
+        try:
+            async for summary in self._store.iter_summaries(**kw):
+                self._event.set()
+                yield summary
+        finally:
+            self._event.set()
+
+
+class _ClaimsAfter(_Gated):
+    """Claims wait for the event."""
 
     async def claim(self, run_id: str, **kw: Any) -> RunCheckpoint | None:
         await self._event.wait()
