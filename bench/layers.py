@@ -118,8 +118,9 @@ async def interleaved(url: str, runs: int) -> dict[str, float]:
             async def save_ours_statement(
                 i: int, phases: list[str], rows: list[bytes], base: int
             ) -> float:
-                values = _rows.values_of(checkpoint_of(c, i), completed_phases=orjson.dumps(phases))
-                values["message_count"] = base + len(rows)
+                values = _rows.appended_values(
+                    checkpoint_of(c, i), orjson.dumps(phases), base + len(rows), identity=False
+                )
                 append = Append(
                     run_id=f"C{r}",
                     base=base,

@@ -176,6 +176,8 @@ def check_progress(run_id: str, iteration: object, completed_phases: object) -> 
 def check_messages(run_id: str, messages: object) -> Sequence[object]:
     """A transcript must be a sequence of messages (a ``str``, a mapping or a generator is
     not: storing it would replace the transcript with its characters, keys or items)."""
+    if type(messages) is list or type(messages) is tuple:
+        return messages  # the common case, without the ABC check (~1 µs a save)
     if isinstance(messages, str | bytes | bytearray) or not isinstance(messages, Sequence):
         raise CheckpointError(
             f"messages of run {run_id!r} must be a sequence of messages (a list), "

@@ -478,13 +478,15 @@ class StoreCheckpointer:
             self._last_write = started
 
     def _checkpoint(self, snap: _Snapshot, epoch: int) -> RunCheckpoint:
+        now = utcnow()
         return RunCheckpoint(
             meta=self._meta,
             messages=snap.transcript.messages,
             iteration=snap.iteration,
             completed_phases=snap.completed_phases,
             extra=snap.extra,
-            updated_at=utcnow(),
+            created_at=now,  # a new row's; an existing run keeps its own
+            updated_at=now,
             app_version=self._app_version,
             owner=self._owner,
             epoch=epoch,

@@ -190,6 +190,32 @@ def values_of(
     return values
 
 
+_APPENDED_ENCODE: Final = tuple(
+    (name, None if _ENCODE[name] is _as_is else _ENCODE[name])
+    for name in APPENDED_PROGRESS
+    if name not in COMPUTED
+)
+"""The progress columns an append copies from the checkpoint, and their encoders."""
+
+
+def appended_values(
+    checkpoint: RunCheckpoint, completed_phases: bytes, message_count: int, identity: bool
+) -> dict[str, Any]:
+    """The values of the columns an append sets (:func:`appended`), encoded for the driver:
+    :func:`values_of` narrowed to them, a save's hot path (``completed_phases``: the phases'
+    encoding, which the caller has from validating them)."""
+    values: dict[str, Any] = dict(_meta_values(checkpoint.meta)) if identity else {}
+    for name, encode in _APPENDED_ENCODE:
+        if name == "completed_phases":
+            values[name] = completed_phases
+        elif encode is None:
+            values[name] = getattr(checkpoint, name)
+        else:
+            values[name] = encode(getattr(checkpoint, name))
+    values["message_count"] = message_count
+    return values
+
+
 _META_MEMO: dict[int, tuple[RunCheckpointMeta, dict[str, Any]]] = {}
 _MEMO_SIZE: Final = 4096
 

@@ -120,6 +120,7 @@ class SQLCheckpointStore:
         self._dialect = dialect_of(engine)
         self._timeout = float(operation_timeout)
         self._engine = engine
+        self._url = engine.url  # for error messages (AsyncEngine.url is a property chain)
         self._owns_engine = _owns_engine
         self._max_bytes = max_checkpoint_bytes
         self._page_size = page_size
@@ -234,7 +235,7 @@ class SQLCheckpointStore:
             from ..migrate import check_schema_revision
 
             preflight(self._engine)
-            with mapped_errors(self._engine.url, "checking the schema", timeout=self._timeout):
+            with mapped_errors(self._url, "checking the schema", timeout=self._timeout):
                 async with asyncio.timeout(self._timeout):
                     await check_schema_revision(self._engine)
             self._file = file_identity(self._engine)
@@ -248,7 +249,7 @@ class SQLCheckpointStore:
     async def _write(self, action: str, run_id: str | None, op: Operation[T]) -> T:
         """Run the write ``op(conn)`` in a transaction, with driver errors mapped."""
         await self._ready_to_write()
-        with mapped_errors(self._engine.url, action, run_id, timeout=self._timeout):
+        with mapped_errors(self._url, action, run_id, timeout=self._timeout):
             async with asyncio.timeout(self._timeout):
                 return await self._backend.write(op)
 
@@ -258,7 +259,7 @@ class SQLCheckpointStore:
     ) -> AsyncIterator[AsyncConnection]:
         """A read; with ``snapshot``, one transaction that sees a single consistent state."""
         await self.check_schema()
-        with mapped_errors(self._engine.url, action, run_id, timeout=self._timeout):
+        with mapped_errors(self._url, action, run_id, timeout=self._timeout):
             async with (
                 asyncio.timeout(self._timeout),
                 self._backend.read(snapshot=snapshot) as conn,
@@ -300,8 +301,6 @@ class SQLCheckpointStore:
             )
         tail = _rows.appended_tail(messages, base, encoded_tail, run_id)
         tail_size = sum(map(len, tail))
-        values = _rows.values_of(checkpoint, completed_phases=phases)
-        values.update(message_count=base + len(tail))
         # The identity columns go only with a meta this store has not written at this epoch
         # (the checkpointer's appends after begin() leave them as stored).
         known = self._identities.get(run_id)
@@ -313,11 +312,11 @@ class SQLCheckpointStore:
             size=tail_size,
             max_bytes=self._max_bytes,
             epoch=checkpoint.epoch,
-            values=values,
+            values=_rows.appended_values(checkpoint, phases, base + len(tail), fresh),
             identity=fresh,
         )
         await self._ready_to_write()
-        with mapped_errors(self._engine.url, "saving", run_id, timeout=self._timeout):
+        with mapped_errors(self._url, "saving", run_id, timeout=self._timeout):
             applied = await self._backend.append(append, self._timeout)
         if applied:
             if append.identity:
