@@ -157,8 +157,11 @@ class Transcript:
         written_id, stored = self._stored
         if len(snap.messages) < stored:
             return None
-        changed = min((c for i, c in self._changes if written_id < i <= snap.id), default=stored)
-        return Delta(stored=stored, changed_from=min(changed, stored))
+        changed = stored
+        for i, c in self._changes:  # usually one entry: the snapshot being written
+            if written_id < i <= snap.id and c < changed:
+                changed = c
+        return Delta(stored=stored, changed_from=changed)
 
 
 def _first_replaced(seen: tuple[Any, ...], messages: tuple[Any, ...], shared: int) -> int:
