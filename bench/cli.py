@@ -63,6 +63,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="first",
         help="run LangGraph in the concurrent test in the first repetition (default), all, none",
     )
+    p.add_argument(
+        "--near-pairs",
+        type=int,
+        help="extra back-to-back (ours, near floor) run pairs per repetition for issue 9's "
+        "near-floor verdicts (default 3; quick 0)",
+    )
     p.add_argument("--backends", default="sqlite,postgresql", help="comma-separated")
     p.add_argument(
         "--engines",
@@ -89,6 +95,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     quick = args.quick
     args.reps = args.reps or (1 if quick else 3)
     args.iterations = args.iterations or (20 if quick else 200)
+    if args.near_pairs is None:
+        args.near_pairs = 0 if quick else 3
     args.sizes = [int(s) for s in (args.sizes or "1024,16384").split(",")]
     args.concurrent_runs = args.concurrent_runs or (5 if quick else 50)
     args.concurrent_iterations = args.concurrent_iterations or (5 if quick else 40)
@@ -183,7 +191,36 @@ async def run_bench(args: argparse.Namespace) -> tuple[report.Results, str]:
                         f"{report.percentile(r.latencies[-10:], 50) * 1000:8.2f} ms  "
                         f"written {r.written / 2**20:9.2f} MiB  size {r.db_size / 2**20:8.2f} MiB"
                     )
-            # The near-floor ratios of issue 9 are measured in lockstep (runner.lockstep_runs).
+            # Issue 9's near-floor verdicts: more (ours, near floor) pairs at the largest S,
+            # each pair back to back, the first of the two alternating.
+            for backend in dbs:
+                pair = [
+                    e
+                    for family in ("ours", report.NEAR_FLOOR[backend])
+                    for e in engines
+                    if e.backend == backend and e.family == family
+                ]
+                if len(pair) < 2:
+                    continue
+                for k in range(args.near_pairs):
+                    index = len({r.rep for r in res.near if r.backend == backend})
+                    order = pair if index % 2 else pair[::-1]
+                    for engine in order:
+                        gc.collect()
+                        run_id = f"pair{index}-{engine.family}"
+                        r = await measured_run(engine, data[conc_size], conc_size, index, run_id)
+                        res.near.append(r)
+                    log(
+                        f"rep {rep + 1}/{args.reps} S={conc_size:>5} near-floor pair "
+                        f"{k + 1}/{args.near_pairs} {backend}: "
+                        + ", ".join(
+                            f"{r.family} p50 last10 "
+                            f"{report.percentile(r.latencies[-10:], 50) * 1000:.2f} ms"
+                            for r in res.near[-2:]
+                        )
+                    )
+            # The near-floor ratios of issue 9 are also measured in lockstep
+            # (runner.lockstep_runs).
             for backend in dbs:
                 group = [e for e in engines if e.backend == backend and e.family != "langgraph"]
                 if len(group) > 1:
@@ -442,7 +479,15 @@ def render(res: report.Results, args: argparse.Namespace, machine: list[str]) ->
             "each, in an order rotating by iteration. The ratio is then taken over the same "
             "moments of the machine, and each save follows the other engines' code (colder "
             "caches, as a service's own work between saves leaves them). The verdict stays on "
-            "the sequential runs, as in earlier reports.",
+            "sequential runs, as in earlier reports.",
+            "- Near-floor pairs (issue 9's near-floor verdicts): per repetition, "
+            f"{args.near_pairs} more pairs of sequential runs at the largest S, ours and the "
+            "floor the issue names back to back (which of the two goes first alternates), "
+            "each measured like the table's runs. The verdict is the median of ours / floor "
+            "over these pairs and the repetitions' own runs: the p50 of one run's last 10 "
+            "saves is a small sample (the saves of one run share the machine's moment), and "
+            "over 3-5 repetitions alone the same code's verdict moved by about 0.2x between "
+            "bench runs.",
             "- PostgreSQL WAL bytes and latencies are the whole server's: anything else using the "
             "server during the run (another test suite) shows up in them.",
         ]

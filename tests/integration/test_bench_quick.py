@@ -46,6 +46,8 @@ def test_bench_quick_runs_ours_and_the_floors(tmp_path: Path) -> None:
         "--tmpdir",
         str(tmp_path),
         "--no-write",
+        "--near-pairs",
+        "1",
         timeout=230,
     )
     out = proc.stdout
@@ -56,6 +58,9 @@ def test_bench_quick_runs_ours_and_the_floors(tmp_path: Path) -> None:
     assert "database is locked" not in proc.stderr
     # the near-floor ratios were also measured in lockstep, on every backend run
     assert len(re.findall(r"in lockstep \d+\.\d+x", out)) == len(backends.split(","))
+    # and over one more back-to-back pair of runs, counted in the verdict's median
+    assert len(re.findall(r"median over 2 pairs of runs: ", out)) == len(backends.split(","))
+    assert len(re.findall(r"1 back-to-back pairs \d+\.\d+x", out)) == len(backends.split(","))
 
 
 @pytest.mark.slow
