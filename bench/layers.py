@@ -130,6 +130,8 @@ async def interleaved(url: str, runs: int) -> dict[str, float]:
                     epoch=c.epoch,
                     values=values,
                     identity=False,  # as the store sends it: C's identity is stored
+                    # as the store sends it: the boundary's CASEs only when a phase completes
+                    boundary=phases != completed_phases(i - 1, ITERATIONS),
                 )
                 start = time.perf_counter()
                 assert await _postgres._append_one(raw, append)

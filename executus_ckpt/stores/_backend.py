@@ -42,6 +42,12 @@ class Append:
     store wrote this very meta at this epoch already: the backends then leave them as stored
     (on PostgreSQL a re-set large ``prompt``/``inputs`` would be TOASTed anew at every save;
     either way they need not travel with every append)."""
+    boundary: bool = True
+    """Whether the save may move the phase boundary. False when ``completed_phases`` are the
+    ones this store last wrote for the run: a backend may then leave the boundary columns
+    alone, provided it applies the append only if the stored phases are still these (on
+    PostgreSQL that spares the statement its four ``CASE`` expressions, about 20 µs of server
+    time a save)."""
 
 
 def boundary_sets(new: Callable[[str], str], old: str = "") -> str:

@@ -43,13 +43,21 @@ _IDENTITY = frozenset(_rows.META_FIELDS)
 
 
 @functools.cache
-def _single_sql(count: int | None, identity: bool = True) -> str:
+def _single_sql(count: int | None, identity: bool = True, boundary: bool = True) -> str:
     """The one-statement append of ``count`` messages (``None``: any number, as arrays);
-    ``identity``: set the identity columns too."""
+    ``identity``: set the identity columns too; ``boundary``: record a phase boundary if the
+    phases gained one, else apply only over the same stored phases (:attr:`Append.boundary`)."""
     columns = _rows.appended(identity)
     sets = ", ".join(f"{c} = ${i}" for i, c in enumerate(columns, start=2))
     n = len(columns) + 2
     base = f"${n + 1}"
+    phases = f"${2 + columns.index('completed_phases')}"
+    if boundary:
+        moved = boundary_sets(lambda c: f"${2 + columns.index(c)}::{_rows.PG_TYPES[c]}")
+        sets = f"{sets}, {moved}"
+        same = ""
+    else:
+        same = f"AND completed_phases = {phases} "
     if count is None:
         rows = f"unnest(${n + 3}::bytea[]) WITH ORDINALITY AS x(d, k)"
         select = f"SELECT $1, {base} + x.k::int - 1, x.d FROM {rows}"
@@ -62,10 +70,9 @@ def _single_sql(count: int | None, identity: bool = True) -> str:
         else ""
     )
     return (
-        f"WITH h AS (UPDATE {_H} SET {sets}, size_bytes = size_bytes + ${n}, "
-        f"{boundary_sets(lambda c: f'${2 + columns.index(c)}::{_rows.PG_TYPES[c]}')} "
+        f"WITH h AS (UPDATE {_H} SET {sets}, size_bytes = size_bytes + ${n} "
         f"WHERE run_id = $1 AND epoch <= ${2 + columns.index('epoch')} "
-        f"AND message_count = {base} "
+        f"AND message_count = {base} {same}"
         f"AND size_bytes + ${n} <= ${n + 2} RETURNING 1){insert} "
         "SELECT count(*) FROM h"
     )
@@ -112,9 +119,9 @@ async def _append_one(connection: Any, a: Append, timeout: float | None = None) 
     values = [a.values[c] for c in _rows.appended(a.identity)]
     header = (a.run_id, *values, a.size, a.base, a.max_bytes)
     if len(a.rows) <= VALUES_MAX:
-        sql, args = _single_sql(len(a.rows), a.identity), (*header, *a.rows)
+        sql, args = _single_sql(len(a.rows), a.identity, a.boundary), (*header, *a.rows)
     else:
-        sql, args = _single_sql(None, a.identity), (*header, list(a.rows))
+        sql, args = _single_sql(None, a.identity, a.boundary), (*header, list(a.rows))
     return bool(await connection.fetchval(sql, *args, timeout=timeout))
 
 

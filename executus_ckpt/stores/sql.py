@@ -138,6 +138,9 @@ class SQLCheckpointStore:
         # run id -> (meta object, epoch) whose identity columns this store last wrote: an
         # append of that very meta at that epoch leaves them as stored (see append()).
         self._identities: dict[str, tuple[RunCheckpointMeta, int]] = {}
+        # run id -> the encoded completed phases this store last wrote: an append of the same
+        # phases cannot move the phase boundary (Append.boundary).
+        self._phases: dict[str, bytes] = {}
         self._schema_lock = asyncio.Lock()
         self._file: tuple[int, int] | None = None
         self._closed = False
@@ -314,6 +317,7 @@ class SQLCheckpointStore:
             epoch=checkpoint.epoch,
             values=_rows.appended_values(checkpoint, phases, base + len(tail), fresh),
             identity=fresh,
+            boundary=self._phases.get(run_id) != phases,
         )
         await self._ready_to_write()
         with mapped_errors(self._url, "saving", run_id, timeout=self._timeout):
@@ -321,6 +325,8 @@ class SQLCheckpointStore:
         if applied:
             if append.identity:
                 self._wrote_identity(checkpoint.meta, checkpoint.epoch)
+            if append.boundary:
+                self._wrote_phases(run_id, phases)
             count = base + len(tail)
             telemetry.note_save(
                 logger, run_id, checkpoint.iteration, "append", len(tail), tail_size, count
@@ -389,7 +395,14 @@ class SQLCheckpointStore:
 
         await self._write("saving", run_id, op)
         self._wrote_identity(checkpoint.meta, checkpoint.epoch)
+        self._wrote_phases(run_id, phases)
         telemetry.note_save(logger, run_id, checkpoint.iteration, path, len(rows), size, len(rows))
+
+    def _wrote_phases(self, run_id: str, phases: bytes) -> None:
+        """The run's row now holds these completed phases (a cache like ``_identities``)."""
+        if len(self._phases) >= _IDENTITIES_MAX and run_id not in self._phases:
+            self._phases.clear()
+        self._phases[run_id] = phases
 
     def _wrote_identity(self, meta: RunCheckpointMeta, epoch: int) -> None:
         """The run's row now holds ``meta``'s identity columns at ``epoch``."""
@@ -529,6 +542,7 @@ class SQLCheckpointStore:
             return deleted
 
         self._identities.pop(run_id, None)
+        self._phases.pop(run_id, None)
         return await self._write("deleting", run_id, op)
 
     def _db_clock(self) -> Any:

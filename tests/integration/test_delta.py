@@ -10,7 +10,7 @@ import asyncio
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pytest
@@ -290,3 +290,59 @@ async def test_delete_removes_messages(sql_store: SQLCheckpointStore) -> None:
             await conn.execute(select(func.count()).select_from(run_checkpoint_messages))
         ).scalar_one()
     assert left == 0
+
+
+async def test_appends_within_a_phase_leave_the_boundary_alone(
+    sql_store: SQLCheckpointStore,
+) -> None:
+    """On PostgreSQL an append whose phases are those the store last wrote sends the
+    statement without the boundary's CASE expressions; the save that completes a phase
+    sends them and records the boundary there."""
+    factory = StoreCheckpointerFactory(sql_store)
+    cp = await factory.begin(RunInfo("r"))
+    transcript: list[Any] = []
+    sent: list[str] = []
+    for i, phases in enumerate(
+        (["plan"], ["plan"], ["plan"], ["plan", "draft"], ["plan", "draft"])
+    ):
+        transcript += iteration_messages(i)
+        async with counting(sql_store) as stats:
+            await cp.save(RunCheckpointState(transcript, iteration=i + 1, completed_phases=phases))
+        [(statement, _)] = [(s, p) for s, p in stats.on_table() if "UPDATE" in s.upper()]
+        sent.append(statement)
+    loaded = await sql_store.load("r")
+    assert loaded is not None and loaded.messages == transcript
+    resume = loaded.resume_state()
+    assert list(resume.completed_phases) == ["plan", "draft"] and resume.iteration == 4
+    assert resume.messages == transcript[:12]
+    if sql_store.dialect == "postgresql":
+        # the first save after begin() and the one that completes "draft" may move it
+        assert ["CASE" in s.upper() for s in sent] == [True, False, False, True, False]
+
+
+async def test_an_append_over_phases_changed_elsewhere_records_the_boundary(
+    sql_store: SQLCheckpointStore,
+) -> None:
+    """The store remembers the phases it last wrote for a run; when another writer changed
+    them since (here another store object at the same epoch), an append of the remembered
+    phases must not skip the boundary: the stored phases are checked, and the save that
+    brings a phase back records the boundary there."""
+    ours = RunCheckpoint(
+        RunCheckpointMeta("r"),
+        messages=[{"n": k} for k in range(4)],
+        iteration=4,
+        completed_phases=["plan"],
+    )
+    await sql_store.save(ours)  # remembers ["plan"]
+    async with SQLCheckpointStore.open(str(sql_store.engine.url)) as other:
+        await other.append(
+            replace(ours, messages=[{"n": k} for k in range(6)], iteration=6, completed_phases=[]),
+            base_count=4,
+        )
+    assert list((await sql_store.load("r")).completed_phases) == []  # type: ignore[union-attr]
+    again = replace(ours, messages=[{"n": k} for k in range(8)], iteration=8)
+    await sql_store.append(again, base_count=6)
+    loaded = await sql_store.load("r")
+    assert loaded is not None and loaded.messages == again.messages
+    resume = loaded.resume_state()
+    assert (resume.iteration, len(resume.messages)) == (8, 8), "the boundary was not recorded"
