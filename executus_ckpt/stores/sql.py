@@ -462,6 +462,8 @@ class SQLCheckpointStore:
 
         epoch = await self._write("registering", meta.run_id, op)
         self._wrote_identity(meta, int(epoch))
+        # a take-over keeps whatever phases the row holds: the next append finds out
+        self._phases.pop(meta.run_id, None)
         logger.debug(
             "registered run %s at epoch %d",
             meta.run_id,
