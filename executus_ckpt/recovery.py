@@ -94,7 +94,10 @@ async def recover_interrupted(
         max_attempts: recovery claims a run gets before it is marked dead (>= 1).
         concurrency: claims/dispatches in flight at once (>= 1).
         accept: predicate over the claimed checkpoint; False quarantines the run.
-        owner: this executor's id, recorded on each claimed run.
+        owner: this executor's id, recorded on each claimed run. Runs claimed under an id
+            that is not a registered, live executor count as interrupted again at once: a
+            concurrent pass on another replica may claim them too (what an
+            :class:`Executor` prevents by registering first).
         agent_id, older_than, limit: restrict the pass (as for ``list_interrupted``).
         exclude_owner: leave runs of this owner alone (an :class:`Executor` passes its own id:
             after a stall it must not rescue the runs it is still running).

@@ -409,51 +409,39 @@ async def test_two_concurrent_passes_dispatch_each_run_once(
     assert await store.list_interrupted() == []
 
 
-class _Gated:
-    """``store`` seen through a wrapper that shares ``event`` with another one."""
+class _ListsLate:
+    """``store`` seen by a replica whose listing starts ``delay`` seconds late."""
 
-    def __init__(self, store: Any, event: asyncio.Event) -> None:
+    def __init__(self, store: Any, delay: float) -> None:
         self._store = store
-        self._event = event
+        self._delay = delay
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._store, name)
 
-
-class _Listed(_Gated):
-    """Sets the event once a listing of the store has read its first page."""
-
     async def iter_summaries(self, **kw: Any) -> AsyncIterator[CheckpointSummary]:
-        try:
-            async for summary in self._store.iter_summaries(**kw):
-                self._event.set()
-                yield summary
-        finally:
-            self._event.set()
+        await asyncio.sleep(self._delay)
+        async for summary in self._store.iter_summaries(**kw):
+            yield summary
 
 
-class _ClaimsAfter(_Gated):
-    """Claims wait for the event."""
-
-    async def claim(self, run_id: str, **kw: Any) -> RunCheckpoint | None:
-        await self._event.wait()
-        return await self._store.claim(run_id, **kw)
-
-
+@pytest.mark.parametrize("b_lists", ["at-once", "late"])
 @pytest.mark.parametrize("page_size", [None, 2], ids=["default-pages", "small-pages"])
 async def test_slower_concurrent_pass_does_not_reclaim_runs_claimed_by_the_other(
-    store: Any, page_size: int | None
+    store: Any, page_size: int | None, b_lists: str
 ) -> None:
     # Both replicas start their pass at the same moment; B is slow (its first dispatch only
     # returns once A's whole pass is over). Runs A claimed meanwhile are A's: B must report
-    # them lost or not list them, never claim them a second time.
-    # B claims only once A has listed: owners "a" and "b" are no registered executors, so a
-    # run B claimed before A's listing read it would be, by contract, interrupted again (an
-    # owner that never registered is not alive) and A would rightly take it. Which pass
-    # reaches the database first is otherwise up to connection checkouts.
+    # them lost or not list them, never claim them a second time, whether B lists them
+    # before A's claims or after ("late": the interleaving a full run once hit).
+    # Both are registered, live executors: a run whose owner never registered counts as
+    # interrupted (DESIGN.md), and the other replica would rightly take it.
     view = store if page_size is None else paged(store, page_size)
-    a_listed = asyncio.Event()
-    view_a, view_b = _Listed(view, a_listed), _ClaimsAfter(view, a_listed)
+    view_b = view if b_lists == "at-once" else _ListsLate(view, 0.2)
+    for executor_id in ("a", "b"):
+        await store.register_executor(
+            executor_id, name=executor_id, host=None, pid=None, app_version=None, stale_after=30.0
+        )
     run_ids = [f"r{i:02d}" for i in range(10)]
     await save_all(store, [interrupted(r, age=100 - i) for i, r in enumerate(run_ids)])
     a_done = asyncio.Event()
@@ -468,7 +456,7 @@ async def test_slower_concurrent_pass_does_not_reclaim_runs_claimed_by_the_other
 
     async def pass_a() -> RecoveryReport:
         try:
-            return await recover_interrupted(view_a, dispatch_a, concurrency=4, owner="a")
+            return await recover_interrupted(view, dispatch_a, concurrency=4, owner="a")
         finally:
             a_done.set()
 
