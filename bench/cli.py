@@ -27,6 +27,7 @@ from bench.engines import (
     sqlite_version,
 )
 from bench.runner import (
+    RunResult,
     concurrent_run,
     diagnostic_run,
     lockstep_runs,
@@ -113,6 +114,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def _p50_last10_ms(r: RunResult) -> float:
+    """The run's p50 over its last 10 saves, in ms (the progress lines)."""
+    return report.percentile(r.latencies[-10:], 50) * 1000
+
+
 async def _connect_pg(url: str, explicit: bool) -> tuple[PostgresDatabase | None, str]:
     db = PostgresDatabase(pg_dsn(url), prefix=f"bench_{os.getpid()}")
     try:
@@ -188,7 +194,7 @@ async def run_bench(args: argparse.Namespace) -> tuple[report.Results, str]:
                     log(
                         f"rep {rep + 1}/{args.reps} S={size:>5} {engine.key:<20} "
                         f"wall {r.wall:7.3f} s  p50 last10 "
-                        f"{report.percentile(r.latencies[-10:], 50) * 1000:8.2f} ms  "
+                        f"{_p50_last10_ms(r):8.2f} ms  "
                         f"written {r.written / 2**20:9.2f} MiB  size {r.db_size / 2**20:8.2f} MiB"
                     )
             # Issue 9's near-floor verdicts: more (ours, near floor) pairs at the largest S,
@@ -214,8 +220,7 @@ async def run_bench(args: argparse.Namespace) -> tuple[report.Results, str]:
                         f"rep {rep + 1}/{args.reps} S={conc_size:>5} near-floor pair "
                         f"{k + 1}/{args.near_pairs} {backend}: "
                         + ", ".join(
-                            f"{r.family} p50 last10 "
-                            f"{report.percentile(r.latencies[-10:], 50) * 1000:.2f} ms"
+                            f"{r.family} p50 last10 {_p50_last10_ms(r):.2f} ms"
                             for r in res.near[-2:]
                         )
                     )
@@ -230,9 +235,7 @@ async def run_bench(args: argparse.Namespace) -> tuple[report.Results, str]:
                     log(
                         f"rep {rep + 1}/{args.reps} S={conc_size:>5} lockstep {backend}: "
                         + ", ".join(
-                            f"{r.family} p50 last10 "
-                            f"{report.percentile(r.latencies[-10:], 50) * 1000:.2f} ms"
-                            for r in step
+                            f"{r.family} p50 last10 {_p50_last10_ms(r):.2f} ms" for r in step
                         )
                     )
             for engine in engines:

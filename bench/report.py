@@ -143,11 +143,13 @@ class Results:
         size: int,
         rep: int | None = None,
         *,
-        lockstep: bool = False,
+        source: str = "runs",
     ) -> list[RunResult]:
+        """Runs of ``family``: the sequential ``runs``, the ``lockstep`` ones or issue 9's
+        ``near`` pairs (whose ``rep`` numbers the pair)."""
         return [
             r
-            for r in (self.lockstep if lockstep else self.runs)
+            for r in getattr(self, source)
             if r.family == family
             and r.backend == backend
             and r.size == size
@@ -173,14 +175,14 @@ class Results:
         backend: str,
         size: int,
         *,
-        lockstep: bool = False,
+        source: str = "runs",
     ) -> list[float]:
-        """metric(num family) / metric(den family) within each repetition (of the lockstep
-        runs with ``lockstep``)."""
+        """metric(num family) / metric(den family) within each repetition (or pair) of
+        ``source`` (see :meth:`select`)."""
         out = []
-        for rep in range(self.reps):
-            a = self.select(num[0], backend, size, rep, lockstep=lockstep)
-            b = self.select(den[0], backend, size, rep, lockstep=lockstep)
+        for rep in sorted({r.rep for r in getattr(self, source)}):
+            a = self.select(num[0], backend, size, rep, source=source)
+            b = self.select(den[0], backend, size, rep, source=source)
             if a and b:
                 vb = den[1](b)
                 out.append(num[1](a) / vb if vb > 0 else math.nan)
@@ -363,20 +365,6 @@ def _list(values: Sequence[float]) -> str:
     return ", ".join(fmt_ratio(v) for v in values) or "none"
 
 
-def _pair_ratios(
-    runs: Sequence[RunResult], floor: str, backend: str, size: int, metric: Metric
-) -> list[float]:
-    """metric(ours) / metric(``floor``) within each of issue 9's back-to-back pairs."""
-    out = []
-    for pair in sorted({r.rep for r in runs if r.backend == backend and r.size == size}):
-        a = [r for r in runs if r.backend == backend and r.rep == pair and r.family == "ours"]
-        b = [r for r in runs if r.backend == backend and r.rep == pair and r.family == floor]
-        if a and b:
-            vb = metric(b)
-            out.append(metric(a) / vb if vb > 0 else math.nan)
-    return out
-
-
 def targets_issue5(res: Results) -> list[Target]:
     """Issue 5's targets, computed from the measurements (S = 16 KB, or the largest S run).
 
@@ -528,10 +516,12 @@ def targets_issue9(res: Results) -> list[Target]:
             continue
         a = res.value("ours", backend, size, p50_last)
         sequential = res.per_rep(("ours", p50_last), (near_floor, p50_last), backend, size)
-        pairs = _pair_ratios(res.near, near_floor, backend, size, p50_last)
+        pairs = res.per_rep(
+            ("ours", p50_last), (near_floor, p50_last), backend, size, source="near"
+        )
         near = sequential + pairs
         lockstep = res.per_rep(
-            ("ours", p50_last), (near_floor, p50_last), backend, size, lockstep=True
+            ("ours", p50_last), (near_floor, p50_last), backend, size, source="lockstep"
         )
         fr = _median(near)
         limit = near_limit[backend]

@@ -180,20 +180,12 @@ def values_of(
     """
     values: dict[str, Any] = {"run_id": checkpoint.meta.run_id}
     values.update(_meta_values(checkpoint.meta))
-    for name, encode in _STATE_ENCODE:
-        if name == "completed_phases" and completed_phases is not None:
-            values[name] = completed_phases
-        elif encode is None:
-            values[name] = getattr(checkpoint, name)
-        else:
-            values[name] = encode(getattr(checkpoint, name))
+    _encode_state(values, checkpoint, _STATE_ENCODE, completed_phases)
     return values
 
 
 _APPENDED_ENCODE: Final = tuple(
-    (name, None if _ENCODE[name] is _as_is else _ENCODE[name])
-    for name in APPENDED_PROGRESS
-    if name not in COMPUTED
+    (name, encode) for name, encode in _STATE_ENCODE if name in APPENDED_PROGRESS
 )
 """The progress columns an append copies from the checkpoint, and their encoders."""
 
@@ -205,15 +197,26 @@ def appended_values(
     :func:`values_of` narrowed to them, a save's hot path (``completed_phases``: the phases'
     encoding, which the caller has from validating them)."""
     values: dict[str, Any] = dict(_meta_values(checkpoint.meta)) if identity else {}
-    for name, encode in _APPENDED_ENCODE:
-        if name == "completed_phases":
+    _encode_state(values, checkpoint, _APPENDED_ENCODE, completed_phases)
+    values["message_count"] = message_count
+    return values
+
+
+def _encode_state(
+    values: dict[str, Any],
+    checkpoint: RunCheckpoint,
+    columns: tuple[tuple[str, Callable[[Any], Any] | None], ...],
+    completed_phases: bytes | None,
+) -> None:
+    """Add ``columns`` of ``checkpoint`` to ``values``, encoded (``completed_phases``: the
+    phases' encoding if the caller has it)."""
+    for name, encode in columns:
+        if name == "completed_phases" and completed_phases is not None:
             values[name] = completed_phases
         elif encode is None:
             values[name] = getattr(checkpoint, name)
         else:
             values[name] = encode(getattr(checkpoint, name))
-    values["message_count"] = message_count
-    return values
 
 
 _META_MEMO: dict[int, tuple[RunCheckpointMeta, dict[str, Any]]] = {}

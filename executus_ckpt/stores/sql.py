@@ -12,7 +12,7 @@ import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import and_, case, exists, func, or_, select, tuple_
 from sqlalchemy.dialects import postgresql, sqlite
@@ -69,7 +69,19 @@ logger = logging.getLogger(__name__)
 __all__ = ["SQLCheckpointStore", "SQLiteSynchronous"]
 
 _IDENTITIES_MAX = 4096
-"""Runs whose written identity a store remembers (a cache: see ``SQLCheckpointStore.append``)."""
+"""Runs whose written identity and phases a store remembers (caches: see
+``SQLCheckpointStore.append``)."""
+
+V = TypeVar("V")
+
+
+def _remember(cache: dict[str, V], run_id: str, value: V) -> None:
+    """Record what the run's row holds in a per-store cache of at most
+    :data:`_IDENTITIES_MAX` runs; only a cache: a forgotten run's next append sends its
+    identity again or records the boundary the long way."""
+    if len(cache) >= _IDENTITIES_MAX and run_id not in cache:
+        cache.clear()
+    cache[run_id] = value
 
 
 class SQLCheckpointStore:
@@ -399,17 +411,12 @@ class SQLCheckpointStore:
         telemetry.note_save(logger, run_id, checkpoint.iteration, path, len(rows), size, len(rows))
 
     def _wrote_phases(self, run_id: str, phases: bytes) -> None:
-        """The run's row now holds these completed phases (a cache like ``_identities``)."""
-        if len(self._phases) >= _IDENTITIES_MAX and run_id not in self._phases:
-            self._phases.clear()
-        self._phases[run_id] = phases
+        """The run's row now holds these completed phases."""
+        _remember(self._phases, run_id, phases)
 
     def _wrote_identity(self, meta: RunCheckpointMeta, epoch: int) -> None:
         """The run's row now holds ``meta``'s identity columns at ``epoch``."""
-        identities = self._identities
-        if len(identities) >= _IDENTITIES_MAX and meta.run_id not in identities:
-            identities.clear()  # only a cache: a forgotten run's next append writes them
-        identities[meta.run_id] = (meta, epoch)
+        _remember(self._identities, meta.run_id, (meta, epoch))
 
     @staticmethod
     async def _insert_messages(
